@@ -1,0 +1,64 @@
+"""MDM-Prime and MD4 masked diffusion language models for transformers.
+
+Importing the package registers the classes with the Auto factories, so ``AutoModel.from_pretrained`` works
+on saved checkpoints without ``trust_remote_code``; checkpoints also carry the code for users who do not
+install the package.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from .codec_mdm_prime import SubTokenCodec, integer_base
+from .configuration_mdm_prime import MDMPrimeConfig
+from .losses_mdm_prime import (
+    diffusion_terms,
+    digit_set_log_probs,
+    discrete_step_terms,
+    sample_masks,
+    superset_logsumexp,
+)
+from .modeling_mdm_prime import (
+    MDMPrimeDiffusionOutput,
+    MDMPrimeForMaskedDiffusion,
+    MDMPrimeModel,
+    MDMPrimeNLLOutput,
+    MDMPrimePreTrainedModel,
+)
+from .schedules_mdm_prime import (
+    CosineSchedule,
+    GeometricSchedule,
+    LinearSchedule,
+    NoiseSchedule,
+    PolynomialSchedule,
+    get_noise_schedule,
+    sample_times,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MDMPrimeConfig.model_type, MDMPrimeConfig, exist_ok=True)
+# AutoModel returns the model that trains and generates (as Dream's does); the backbone stays importable.
+AutoModel.register(MDMPrimeConfig, MDMPrimeForMaskedDiffusion, exist_ok=True)
+AutoModelForMaskedLM.register(MDMPrimeConfig, MDMPrimeForMaskedDiffusion, exist_ok=True)
+
+__all__ = [
+    "CosineSchedule",
+    "GeometricSchedule",
+    "LinearSchedule",
+    "MDMPrimeConfig",
+    "MDMPrimeDiffusionOutput",
+    "MDMPrimeForMaskedDiffusion",
+    "MDMPrimeModel",
+    "MDMPrimeNLLOutput",
+    "MDMPrimePreTrainedModel",
+    "NoiseSchedule",
+    "PolynomialSchedule",
+    "SubTokenCodec",
+    "diffusion_terms",
+    "digit_set_log_probs",
+    "discrete_step_terms",
+    "get_noise_schedule",
+    "integer_base",
+    "sample_masks",
+    "sample_times",
+    "superset_logsumexp",
+]

@@ -1,0 +1,208 @@
+"""The objectives against closed forms, brute force and an oracle denoiser."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_mdm_prime import (
+    MDMPrimeConfig,
+    MDMPrimeForMaskedDiffusion,
+    SubTokenCodec,
+    diffusion_terms,
+    digit_set_log_probs,
+    superset_logsumexp,
+)
+
+LN2 = math.log(2.0)
+
+
+class OracleModel(MDMPrimeForMaskedDiffusion):
+    """Returns the exact conditionals p(x_i | y_t) of a known distribution over short sequences."""
+
+    def __init__(self, config: MDMPrimeConfig, sequences: torch.Tensor, probs: torch.Tensor):
+        super().__init__(config)
+        self.sequences, self.probs = sequences, probs
+
+    def _logits_at(self, sub_ids, attention_mask, noise_level, rows=None):
+        allowed = self.codec.consistency_mask(sub_ids).double()  # (B, L, C)
+        batch, length, vocab = allowed.shape
+        weight = self.probs.expand(batch, -1).clone()  # (B, S)
+        for i in range(length):
+            weight *= allowed[:, i].index_select(1, self.sequences[:, i])
+        marginals = torch.zeros(batch, length, vocab, dtype=torch.float64)
+        for i in range(length):
+            marginals[:, i].index_add_(1, self.sequences[:, i], weight)
+        logits = marginals.log().float()
+        return logits.reshape(-1, vocab) if rows is None else logits[rows]
+
+
+def oracle_config(vocab: int, ell: int) -> MDMPrimeConfig:
+    return MDMPrimeConfig(
+        vocab_size=vocab,
+        num_sub_tokens=ell,
+        hidden_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=8,
+    )
+
+
+def random_distribution(vocab: int, length: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    sequences = torch.cartesian_prod(*[torch.arange(vocab)] * length).view(-1, length)
+    probs = torch.rand(len(sequences), generator=gen).pow(3)  # skewed, fixed by the generator
+    return sequences, (probs / probs.sum()).double()
+
+
+def test_counterexample_closed_form():
+    """method.md §3.4: ℓ = 2, b = 2, x uniform on {00, 11}, perfect model, α_t = 1 - t."""
+    codec = SubTokenCodec(4, 2)
+    logits = torch.tensor([[0.0, -math.inf, -math.inf, 0.0]] * 3)  # p(00) = p(11) = 1/2 given nothing
+    targets = torch.tensor([0, 3, 3])
+    both = torch.tensor([[True, True]] * 3)
+    valid, prime = diffusion_terms(logits, targets, both, codec)
+    assert torch.allclose(valid, torch.full((3,), 2 * LN2)) and torch.allclose(prime, torch.full((3,), LN2))
+    # One digit masked: the revealed one determines the token, so both terms vanish.
+    revealed_logits = torch.tensor([[0.0, -math.inf, -math.inf, -math.inf], [-math.inf] * 3 + [0.0]])
+    one = torch.tensor([[True, False], [False, True]])
+    valid, prime = diffusion_terms(revealed_logits, torch.tensor([0, 3]), one, codec)
+    assert torch.allclose(valid, torch.zeros(2)) and torch.allclose(prime, torch.zeros(2))
+    # ∫ (1/t) [t² S_both + 2t(1-t) · 0] dt = S_both / 2.
+    assert math.isclose(2 * LN2 / 2, LN2) and math.isclose(LN2 / 2, 0.34657, rel_tol=1e-4)
+
+
+def test_counterexample_through_nll_bound():
+    sequences = torch.tensor([[0], [3]])
+    model = OracleModel(oracle_config(4, 2), sequences, torch.tensor([0.5, 0.5], dtype=torch.float64)).eval()
+    ids = torch.tensor([[0], [3]]).repeat(20, 1)
+    out = model.nll_bound(ids, num_samples=200, generator=torch.Generator().manual_seed(0))
+    nll, nll_se = out.nll.mean(), out.nll_stderr.pow(2).mean().sqrt() / math.sqrt(len(ids))
+    prime, prime_se = out.paper_objective.mean(), out.paper_objective_stderr.pow(2).mean().sqrt() / math.sqrt(len(ids))
+    assert abs(nll - LN2) < 4 * nll_se and nll_se < 0.02
+    assert abs(prime - LN2 / 2) < 4 * prime_se and prime_se < 0.02
+    # The paper objective falls below the entropy (ln 2): it is not a bound.
+    assert prime + 4 * prime_se < LN2
+
+
+@pytest.mark.parametrize(("vocab", "ell"), [(6, 1), (6, 2), (6, 3)])
+def test_valid_bound_equals_nll_with_oracle(vocab, ell):
+    sequences, probs = random_distribution(vocab, length=2)
+    model = OracleModel(oracle_config(vocab, ell), sequences, probs).eval()
+    picks = [int(probs.argmax()), int(probs.argsort()[len(probs) // 2]), int(probs.argsort()[len(probs) // 8])]
+    repeats = 30
+    ids = sequences[picks].repeat_interleave(repeats, 0)
+    out = model.nll_bound(ids, num_samples=100, generator=torch.Generator().manual_seed(1))
+    for k, pick in enumerate(picks):
+        rows = slice(k * repeats, (k + 1) * repeats)
+        estimate = out.nll[rows].mean()
+        stderr = out.nll_stderr[rows].pow(2).mean().sqrt() / math.sqrt(repeats)
+        true_nll = -math.log(float(probs[pick]))
+        assert abs(estimate - true_nll) < 4 * stderr, (estimate, true_nll, stderr)
+        assert stderr < 0.1 * true_nll  # the test has power to see a 10 % error
+
+
+@pytest.mark.parametrize("ell", [1, 3])
+def test_discrete_time_bound_with_oracle(ell):
+    vocab = 6
+    sequences, probs = random_distribution(vocab, length=2, seed=3)
+    model = OracleModel(oracle_config(vocab, ell), sequences, probs).eval()
+    ids = sequences[[int(probs.argmax()), 7]]
+    # T = 1 reveals everything at once from the all-masked state: Σ_i -log p_i(x_i) exactly.
+    one_step = model.nll_bound(ids, num_samples=3, num_steps=1)
+    marginals = torch.stack(
+        [torch.zeros(vocab, dtype=torch.float64).index_add_(0, sequences[:, i], probs) for i in range(2)]
+    )
+    expected = -(marginals[0, ids[:, 0]].log() + marginals[1, ids[:, 1]].log())
+    assert torch.allclose(one_step.nll, expected, atol=1e-5)
+    assert torch.allclose(one_step.nll_stderr, torch.zeros(2, dtype=torch.float64), atol=1e-5)
+    assert one_step.paper_objective is None
+    # Many steps approach the continuous bound, which equals the NLL for an oracle.
+    true_nll = -probs[[int(probs.argmax()), 7]].log()
+    many = model.nll_bound(
+        ids.repeat(20, 1), num_samples=100, num_steps=1000, generator=torch.Generator().manual_seed(2)
+    )
+    for k in range(2):
+        estimate = many.nll[k::2].mean()
+        stderr = many.nll_stderr[k::2].pow(2).mean().sqrt() / math.sqrt(20)
+        assert abs(estimate - true_nll[k]) < 4 * stderr + 0.01
+
+
+def reference_superset_lse(logits, targets, codec):
+    table = codec.digit_table()
+    columns = []
+    for bits in range(1 << codec.num_sub_tokens):
+        agree = torch.ones(logits.shape, dtype=torch.bool)
+        for j in range(codec.num_sub_tokens):
+            if bits >> j & 1:
+                agree &= table[:, j] == table[targets, j : j + 1]
+        columns.append(logits.float().masked_fill(~agree, -math.inf).logsumexp(-1))
+    return torch.stack(columns, dim=1)
+
+
+@pytest.mark.parametrize(("vocab", "ell"), [(50, 3), (64, 3), (50, 1), (300, 2), (80, 4)])
+def test_superset_logsumexp_matches_dense_reference(vocab, ell):
+    codec = SubTokenCodec(vocab, ell)
+    logits = torch.randn(7, vocab) * 4
+    logits[0, : vocab // 5] = -math.inf  # filtered-out tokens must not produce NaNs
+    logits[1, 3] = 60.0  # a set far below the row's maximum must stay exact
+    targets = torch.randint(vocab // 5, vocab, (7,))
+    weights = torch.randn(7, 1 << ell)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    ours, ref = superset_logsumexp(a, targets, codec), reference_superset_lse(b, targets, codec)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.equal(ours[:, -1], logits[torch.arange(7), targets])  # the full set is the target itself
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-5)
+    assert not torch.isnan(a.grad).any()
+
+
+@pytest.mark.parametrize("carry_over", [True, False])
+def test_digit_set_log_probs_brute_force(carry_over):
+    codec = SubTokenCodec(50, 2)  # base 8, codes 50..63 invalid
+    gen = torch.Generator().manual_seed(0)
+    n = 40
+    logits = torch.randn(n, 50, generator=gen) * 3
+    targets = torch.randint(0, 50, (n,), generator=gen)
+    revealed = torch.rand(n, 2, generator=gen) < 0.5
+    queries = torch.randint(0, 4, (n, 3), generator=gen) & ~codec.digits_to_bits(revealed).unsqueeze(1)
+    ours = digit_set_log_probs(logits, targets, revealed, queries, codec, carry_over)
+    table = codec.digit_table()
+    for row in range(n):
+        y = table[targets[row]].masked_fill(~revealed[row], codec.mask_id)
+        allowed = codec.consistency_mask(y) if carry_over else torch.ones(50, dtype=torch.bool)
+        probs = logits[row].double().masked_fill(~allowed, -math.inf).softmax(-1)
+        for k in range(3):
+            agree = torch.ones(50, dtype=torch.bool)
+            for j in range(2):
+                if queries[row, k] >> j & 1:
+                    agree &= table[:, j] == table[targets[row], j]
+            assert math.isclose(float(ours[row, k]), math.log(float(probs[agree].sum())), abs_tol=1e-5)
+
+
+def test_single_sub_token_is_md4():
+    """ℓ = 1: both terms are the masked tokens' cross-entropy, through the fast path and the pattern path."""
+    codec = SubTokenCodec(100, 1)
+    logits, targets = torch.randn(9, 100), torch.randint(0, 100, (9,))
+    masked = torch.tensor([[True]] * 6 + [[False]] * 3)
+    valid, prime = diffusion_terms(logits, targets, masked, codec)
+    ce = F.cross_entropy(logits, targets, reduction="none") * masked[:, 0]
+    assert torch.allclose(valid, ce, atol=1e-5) and torch.equal(valid, prime)
+    general = -digit_set_log_probs(logits, targets, ~masked, masked.long(), codec)[:, 0]
+    assert torch.allclose(general, ce, atol=1e-5)
+
+
+def test_prime_and_valid_agree_when_digits_are_independent():
+    """If the model's token distribution factorises over digits, the joint term equals the sum of marginals."""
+    codec = SubTokenCodec(64, 3)  # base 4, no invalid codes
+    digit_logits = torch.randn(5, 3, 4)
+    table = codec.digit_table()
+    logits = sum(digit_logits[:, j, table[:, j]] for j in range(3))
+    targets = torch.randint(0, 64, (5,))
+    masked = torch.ones(5, 3, dtype=torch.bool)
+    valid, prime = diffusion_terms(logits, targets, masked, codec)
+    assert torch.allclose(valid, prime, atol=1e-5)

@@ -1,0 +1,147 @@
+"""Save a tiny model, then load it with trust_remote_code in fresh processes where the package is not importable,
+on the installed transformers (5.x) and on a transformers 4.57 environment."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = {
+    "configuration_mdm_prime.py",
+    "codec_mdm_prime.py",
+    "schedules_mdm_prime.py",
+    "losses_mdm_prime.py",
+    "modeling_mdm_prime.py",
+}
+
+LOADER = r"""
+import json, sys
+sys.modules["modeling_mdm_prime"] = None  # the package must not be importable: only the checkpoint's code
+try:
+    import modeling_mdm_prime  # noqa: F401
+    raise SystemExit("modeling_mdm_prime is importable in the loader process")
+except ImportError:
+    pass
+import torch, transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+path, work = sys.argv[1], sys.argv[2]
+inputs = load_file(f"{work}/inputs.safetensors")
+config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+report = {"transformers": transformers.__version__, "config_class": type(config).__name__, "models": {}}
+for auto in (AutoModel, AutoModelForMaskedLM):
+    model = auto.from_pretrained(path, trust_remote_code=True).eval()
+    cls = type(model)
+    report["models"][auto.__name__] = [cls.__name__, cls.__module__]
+    outputs = {
+        "log_probs": model.denoise(inputs["sub_ids"], attention_mask=inputs["mask"]),
+        "loss": model(inputs["ids"], attention_mask=inputs["mask"], generator=torch.Generator().manual_seed(0))
+        .loss.reshape(1),
+    }
+    save_file(outputs, f"{work}/{auto.__name__}.safetensors")
+print(json.dumps(report))
+"""
+
+
+def tf4_python() -> str | None:
+    candidate = os.environ.get("MDM_PRIME_TF4_PYTHON") or str(REPO / ".venv-tf4" / "bin" / "python")
+    return candidate if Path(candidate).exists() else None
+
+
+def interpreters():
+    yield pytest.param(sys.executable, "5.", id="transformers-5")
+    python = tf4_python()
+    if python is None and os.environ.get("MDM_PRIME_REQUIRE_TF4") != "1":
+        yield pytest.param(
+            None,
+            "4.57",
+            id="transformers-4.57",
+            marks=pytest.mark.skip("no transformers 4.57 env (.ci/run builds one)"),
+        )
+    else:
+        yield pytest.param(python, "4.57", id="transformers-4.57")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    model = tiny_model(num_sub_tokens=3, time_conditioning=False)
+    model.save_pretrained(root / "checkpoint")
+    ids = torch.randint(0, 300, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    sub_ids = model.codec.encode(ids)
+    sub_ids[torch.rand(sub_ids.shape) < 0.5] = model.codec.mask_id
+    inputs = {"ids": ids, "mask": mask, "sub_ids": sub_ids}
+    save_file(inputs, str(root / "inputs.safetensors"))
+    expected = {
+        "log_probs": model.denoise(sub_ids, attention_mask=mask),
+        "loss": model(ids, attention_mask=mask, generator=torch.Generator().manual_seed(0)).loss.reshape(1),
+    }
+    return root, expected
+
+
+def test_checkpoint_contents(saved):
+    root, _ = saved
+    files = {p.name for p in (root / "checkpoint").iterdir()}
+    assert SHIPPED <= files and "model.safetensors" in files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    config = json.loads((root / "checkpoint" / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_mdm_prime.MDMPrimeConfig",
+        "AutoModel": "modeling_mdm_prime.MDMPrimeForMaskedDiffusion",
+        "AutoModelForMaskedLM": "modeling_mdm_prime.MDMPrimeForMaskedDiffusion",
+    }
+    for name in SHIPPED:  # the shipped code is the package's code, byte for byte
+        assert (root / "checkpoint" / name).read_bytes() == (REPO / "modeling_mdm_prime" / name).read_bytes()
+
+
+@pytest.mark.parametrize(("python", "version"), list(interpreters()))
+def test_remote_code_loads_in_fresh_process(saved, python, version):
+    root, expected = saved
+    if python is None:
+        pytest.fail("MDM_PRIME_REQUIRE_TF4=1 but no transformers 4.57 interpreter was found")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / f"modules-{version}"), HF_HOME=str(root / "hf"))
+    result = subprocess.run(
+        [python, "-I", "-c", LOADER, str(root / "checkpoint"), str(root)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["transformers"].startswith(version)
+    assert report["config_class"] == "MDMPrimeConfig"
+    for auto in ("AutoModel", "AutoModelForMaskedLM"):
+        name, module = report["models"][auto]
+        assert name == "MDMPrimeForMaskedDiffusion" and module.startswith("transformers_modules")
+        outputs = load_file(str(root / f"{auto}.safetensors"))
+        assert torch.allclose(outputs["log_probs"], expected["log_probs"], atol=1e-6, equal_nan=True)
+        assert torch.allclose(outputs["loss"], expected["loss"], atol=1e-6)
+
+
+def test_auto_classes_in_process(saved):
+    """With the package imported, the Auto factories resolve without remote code."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    import modeling_mdm_prime
+
+    root, expected = saved
+    for auto in (AutoModel, AutoModelForMaskedLM):
+        model = auto.from_pretrained(root / "checkpoint").eval()
+        assert type(model) is modeling_mdm_prime.MDMPrimeForMaskedDiffusion
+        ids, mask, sub_ids = (load_file(str(root / "inputs.safetensors"))[k] for k in ("ids", "mask", "sub_ids"))
+        assert torch.allclose(
+            model.denoise(sub_ids, attention_mask=mask), expected["log_probs"], atol=1e-6, equal_nan=True
+        )
