@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--loss-type", choices=["elbo", "prime"], default="elbo")
     parser.add_argument("--eval-samples", type=int, default=8, help="time samples per held-out sequence")
+    parser.add_argument("--sample-tokens", type=int, default=48, help="tokens per generated sample")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/quickstart"))
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -136,6 +137,22 @@ def main() -> None:
         tokens,
     )
     logger.info("paper objective (not a likelihood bound): %.4f nats/token, exp = %.2f", paper, math.exp(paper))
+
+    model.generation_config.update(max_new_tokens=args.sample_tokens, num_steps=args.sample_tokens)
+    prompts = ["The with statement", "A function definition"]
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, seed=args.seed, return_dict_in_generate=True)
+    for text in tokenizer.batch_decode(out.sequences, skip_special_tokens=True):
+        logger.info("sample: %r", text)
+    logger.info(
+        "generation: %d steps, %d network calls, idle-step ratio %.2f (formula (1 - 1/T)^(Lℓ) = %.2f)",
+        out.num_steps,
+        out.nfe,
+        out.idle_steps.double().mean().item() / out.num_steps,
+        (1 - 1 / out.num_steps) ** (args.sample_tokens * config.num_sub_tokens),
+    )
 
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)

@@ -9,6 +9,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .codec_mdm_prime import SubTokenCodec, integer_base
 from .configuration_mdm_prime import MDMPrimeConfig
+from .generation_mdm_prime import (
+    MDMPrimeGenerateOutput,
+    MDMPrimeGenerationConfig,
+    MDMPrimeGenerationMixin,
+    MDMPrimeSamplerState,
+)
 from .losses_mdm_prime import (
     diffusion_terms,
     digit_set_log_probs,
@@ -22,6 +28,17 @@ from .modeling_mdm_prime import (
     MDMPrimeModel,
     MDMPrimeNLLOutput,
     MDMPrimePreTrainedModel,
+)
+from .sampling_mdm_prime import (
+    AncestralStep,
+    ConfidenceStep,
+    SamplerStep,
+    content_words,
+    counter_uniform,
+    get_sampler_step,
+    sample_categorical,
+    stream_keys,
+    time_grid,
 )
 from .schedules_mdm_prime import (
     CosineSchedule,
@@ -41,6 +58,19 @@ AutoModel.register(MDMPrimeConfig, MDMPrimeForMaskedDiffusion, exist_ok=True)
 AutoModelForMaskedLM.register(MDMPrimeConfig, MDMPrimeForMaskedDiffusion, exist_ok=True)
 
 __all__ = [
+    "AncestralStep",
+    "ConfidenceStep",
+    "MDMPrimeGenerateOutput",
+    "MDMPrimeGenerationConfig",
+    "MDMPrimeGenerationMixin",
+    "MDMPrimeSamplerState",
+    "SamplerStep",
+    "content_words",
+    "counter_uniform",
+    "get_sampler_step",
+    "sample_categorical",
+    "stream_keys",
+    "time_grid",
     "CosineSchedule",
     "GeometricSchedule",
     "LinearSchedule",

@@ -26,7 +26,11 @@ from transformers.utils import ModelOutput, logging
 
 from .codec_mdm_prime import SubTokenCodec
 from .configuration_mdm_prime import MDMPrimeConfig
+from .generation_mdm_prime import MDMPrimeGenerationConfig, MDMPrimeGenerationMixin
 from .losses_mdm_prime import diffusion_terms, discrete_step_terms, sample_masks
+
+# transformers 4.57 copies only the modeling file's direct relative imports into a checkpoint.
+from .sampling_mdm_prime import time_grid  # noqa: F401
 from .schedules_mdm_prime import NoiseSchedule, get_noise_schedule, sample_times
 
 logger = logging.get_logger(__name__)
@@ -292,19 +296,22 @@ def key_padding_mask(attention_mask: torch.Tensor | None, shape: tuple[int, int]
     return keep[:, None, None, :]
 
 
-class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel):
+class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixin):
     """MDM-Prime (ℓ > 1) or MD4 / MDLM (ℓ = 1) masked diffusion language model.
 
     * ``forward(input_ids)`` on clean tokens draws t and the masks and returns the training objective,
       so the transformers ``Trainer`` and plain accelerate loops train it unchanged.
     * :meth:`denoise` maps partially masked sub-tokens to filtered log-probabilities over the C tokens.
     * :meth:`nll_bound` estimates the valid NELBO (an upper bound on the NLL) with a standard error.
+    * :meth:`generate` samples by iterative sub-token unmasking (``MDMPrimeGenerationMixin``).
     """
 
     def __init__(self, config: MDMPrimeConfig):
         super().__init__(config)
         self.model = MDMPrimeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        # transformers 4.57 gives every model a plain GenerationConfig; 5.x uses generation_config_class.
+        self.generation_config = MDMPrimeGenerationConfig.from_model_config(config)
         self.post_init()
 
     @property
@@ -436,6 +443,7 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel):
         sub_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         noise_level: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Filtered log-probabilities ``log p_θ(x | y_t)`` over the C tokens, ``(B, L, C)`` float32.
 
@@ -443,6 +451,8 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel):
             sub_ids: ``(B, L, ℓ)`` partially masked digits (mask id = ``codec.mask_id``).
             attention_mask: ``(B, L)``.
             noise_level: ``(B,)`` or scalar ``1 - α_t``, needed only by time-conditioned models.
+            positions: optional ``(B, L)`` bool; return only these positions' rows, ``(N, C)`` in row-major
+                order (the output layer then runs on those rows only).
 
         With ``carry_over`` every token inconsistent with the revealed digits gets -inf (a fully revealed
         token is carried over: probability 1 on itself). Revealed digits that match no token id below C
@@ -456,15 +466,21 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel):
             noise_level = torch.as_tensor(noise_level, dtype=torch.float32, device=sub_ids.device).expand(
                 sub_ids.shape[0]
             )
-        logits = self._logits_at(sub_ids, attention_mask, noise_level).view(*sub_ids.shape[:2], -1).float()
+        if positions is None:
+            logits = self._logits_at(sub_ids, attention_mask, noise_level).view(*sub_ids.shape[:2], -1).float()
+            selected = sub_ids
+        else:
+            logits = self._logits_at(sub_ids, attention_mask, noise_level, positions).float()
+            selected = sub_ids[positions]
         if self.config.carry_over:
-            allowed = self.codec.consistency_mask(sub_ids)
+            allowed = self.codec.consistency_mask(selected)
             if attention_mask is not None:  # padded slots may hold anything; they are ignored
-                allowed |= ~attention_mask.bool().unsqueeze(-1)
+                real = attention_mask.bool() if positions is None else attention_mask.bool()[positions]
+                allowed |= ~real.unsqueeze(-1)
             if not bool(allowed.any(-1).all()):
                 bad = (~allowed.any(-1)).nonzero()[0].tolist()
                 raise ValueError(
-                    f"sub_ids at (batch, position) {tuple(bad)} reveal digits that match no token id below "
+                    f"sub_ids at index {tuple(bad)} reveal digits that match no token id below "
                     f"vocab_size={self.config.vocab_size}."
                 )
             logits = logits.masked_fill(~allowed, float("-inf"))

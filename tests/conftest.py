@@ -33,3 +33,42 @@ def tiny_model(**overrides) -> MDMPrimeForMaskedDiffusion:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+class OracleModel(MDMPrimeForMaskedDiffusion):
+    """Returns the exact conditionals p(x_i | y_t) of a known distribution over short sequences."""
+
+    def __init__(self, config: MDMPrimeConfig, sequences: torch.Tensor, probs: torch.Tensor):
+        super().__init__(config)
+        self.sequences, self.probs = sequences, probs
+
+    def _logits_at(self, sub_ids, attention_mask, noise_level, rows=None):
+        allowed = self.codec.consistency_mask(sub_ids).double()  # (B, L, C)
+        batch, length, vocab = allowed.shape
+        weight = self.probs.expand(batch, -1).clone()  # (B, S)
+        for i in range(length):
+            weight *= allowed[:, i].index_select(1, self.sequences[:, i])
+        marginals = torch.zeros(batch, length, vocab, dtype=torch.float64)
+        for i in range(length):
+            marginals[:, i].index_add_(1, self.sequences[:, i], weight)
+        logits = marginals.log().float()
+        return logits.reshape(-1, vocab) if rows is None else logits[rows]
+
+
+def oracle_config(vocab: int, ell: int) -> MDMPrimeConfig:
+    return MDMPrimeConfig(
+        vocab_size=vocab,
+        num_sub_tokens=ell,
+        hidden_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=8,
+    )
+
+
+def random_distribution(vocab: int, length: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    sequences = torch.cartesian_prod(*[torch.arange(vocab)] * length).view(-1, length)
+    probs = torch.rand(len(sequences), generator=gen).pow(3)  # skewed, fixed by the generator
+    return sequences, (probs / probs.sum()).double()

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
 
+from conftest import tiny_config, tiny_model
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion
 
 

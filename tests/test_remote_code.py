@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
 from safetensors.torch import load_file, save_file
+
+from conftest import tiny_model
+from modeling_mdm_prime import MDMPrimeGenerationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = {
@@ -18,6 +20,8 @@ SHIPPED = {
     "codec_mdm_prime.py",
     "schedules_mdm_prime.py",
     "losses_mdm_prime.py",
+    "sampling_mdm_prime.py",
+    "generation_mdm_prime.py",
     "modeling_mdm_prime.py",
 }
 
@@ -41,7 +45,15 @@ for auto in (AutoModel, AutoModelForMaskedLM):
     model = auto.from_pretrained(path, trust_remote_code=True).eval()
     cls = type(model)
     report["models"][auto.__name__] = [cls.__name__, cls.__module__]
+    generated = model.generate(inputs["ids"][:1, :4], seed=0, return_dict_in_generate=True)
+    settings = model.generation_config
+    report["generation"] = {
+        "class": type(settings).__name__,
+        **{k: getattr(settings, k, None) for k in ("strategy", "num_steps", "top_p", "top_k", "max_new_tokens")},
+        "steps_run": generated.num_steps,
+    }
     outputs = {
+        "generated": generated.sequences,
         "log_probs": model.denoise(inputs["sub_ids"], attention_mask=inputs["mask"]),
         "loss": model(inputs["ids"], attention_mask=inputs["mask"], generator=torch.Generator().manual_seed(0))
         .loss.reshape(1),
@@ -74,6 +86,7 @@ def interpreters():
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("remote")
     model = tiny_model(num_sub_tokens=3, time_conditioning=False)
+    model.generation_config = MDMPrimeGenerationConfig(num_steps=8, strategy="confidence", max_new_tokens=5, top_p=0.95)
     model.save_pretrained(root / "checkpoint")
     ids = torch.randint(0, 300, (2, 10))
     mask = torch.ones_like(ids)
@@ -83,6 +96,7 @@ def saved(tmp_path_factory):
     inputs = {"ids": ids, "mask": mask, "sub_ids": sub_ids}
     save_file(inputs, str(root / "inputs.safetensors"))
     expected = {
+        "generated": model.generate(ids[:1, :4], seed=0),
         "log_probs": model.denoise(sub_ids, attention_mask=mask),
         "loss": model(ids, attention_mask=mask, generator=torch.Generator().manual_seed(0)).loss.reshape(1),
     }
@@ -123,12 +137,19 @@ def test_remote_code_loads_in_fresh_process(saved, python, version):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["transformers"].startswith(version)
     assert report["config_class"] == "MDMPrimeConfig"
+    # generation_config.json survives the round trip (4.57 hands the model a plain GenerationConfig, which
+    # generate() converts) and generate() follows it: same settings, same samples as in this process.
+    generation = report["generation"]
+    assert generation["strategy"] == "confidence" and generation["num_steps"] == 8 and generation["top_p"] == 0.95
+    assert generation["max_new_tokens"] == 5 and generation["steps_run"] == 8
+    assert generation["class"] == ("MDMPrimeGenerationConfig" if version == "5." else "GenerationConfig")
     for auto in ("AutoModel", "AutoModelForMaskedLM"):
         name, module = report["models"][auto]
         assert name == "MDMPrimeForMaskedDiffusion" and module.startswith("transformers_modules")
         outputs = load_file(str(root / f"{auto}.safetensors"))
         assert torch.allclose(outputs["log_probs"], expected["log_probs"], atol=1e-6, equal_nan=True)
         assert torch.allclose(outputs["loss"], expected["loss"], atol=1e-6)
+        assert torch.equal(outputs["generated"], expected["generated"])
 
 
 def test_auto_classes_in_process(saved):
