@@ -19,6 +19,7 @@ from .losses_mdm_prime import (
     diffusion_terms,
     digit_set_log_probs,
     discrete_step_terms,
+    sample_mask_counts,
     sample_masks,
     superset_logsumexp,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "discrete_step_terms",
     "get_noise_schedule",
     "integer_base",
+    "sample_mask_counts",
     "sample_masks",
     "sample_times",
     "superset_logsumexp",

@@ -60,6 +60,9 @@ AUTOREGRESSIVE_ONLY = {
     "length_penalty": 1.0,
     "exponential_decay_length_penalty": None,
 }
+_HUB_LOADING_KWARGS = (
+    "cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder",
+)  # fmt: skip
 AUTOREGRESSIVE_KWARGS = ("past_key_values", "assistant_model", "negative_prompt_ids", "prefix_allowed_tokens_fn")
 
 
@@ -72,8 +75,10 @@ class MDMPrimeGenerationConfig(GenerationConfig):
         strategy: ``"ancestral"`` (the MDM-Prime sampler) or ``"confidence"`` (MaskGIT / LLaDA ordering).
         block_length: decode the generated positions in blocks of this many tokens, left to right
             (semi-autoregressive); ``num_steps`` is split evenly over the blocks. ``None``: one block.
-        use_idle_cache: reuse the network output when a step changed nothing (exact for time-independent
-            networks; switched off automatically for time-conditioned ones).
+        use_idle_cache: skip the network on idle steps. Whether a step reveals anything is decided before
+            the network is consulted (ancestral: the reveal coins; confidence: the quota), so skipping is
+            exact, for time-conditioned networks too. ``False`` runs the naive sampler: the network at every
+            step on every masked position (same samples, more network calls).
         sample_in_float64: draw tokens by float64 inverse CDF. ``False`` uses float32 Gumbel-max, which
             suppresses rare tokens; it exists for comparisons only.
         final_step: ``"sample"`` or ``"argmax"`` for the draws of each block's last step.
@@ -139,7 +144,7 @@ class MDMPrimeGenerateOutput(ModelOutput):
     Args:
         sequences: ``(B · num_return_sequences, L)`` token ids: the prompt (with its padding) and the generated
             tokens; after a row's first generated EOS, generated positions hold ``pad_token_id``.
-        nfe: number of network evaluations (the idle-step cache skips some).
+        nfe: number of network evaluations (idle steps skip the network unless ``use_idle_cache=False``).
         num_steps: denoising steps run (fewer if a callback stopped early).
         idle_steps: ``(B · num_return_sequences,)`` steps in which the row did not change.
         history: per step, the ``(B · n, L, ℓ)`` sub-tokens after it (with ``output_history``).
@@ -186,37 +191,16 @@ class MDMPrimeGenerationMixin:
     generation_config_class = MDMPrimeGenerationConfig
 
     def adjust_generation_fn(
-        self,
-        generation_config,
-        from_auto_class,
-        from_pipeline,
-        pretrained_model_name_or_path,
-        cache_dir=None,
-        force_download=False,
-        proxies=None,
-        local_files_only=False,
-        token=None,
-        revision=None,
-        subfolder="",
-        trust_remote_code=None,
-        **kwargs,
+        self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, **kwargs
     ):
         """Called by transformers 5 ``from_pretrained``: load generation_config.json as MDMPrimeGenerationConfig."""
         if generation_config is not None:
             self.generation_config = MDMPrimeGenerationConfig.from_generation_config(generation_config)
         elif pretrained_model_name_or_path is not None:
+            loading = {key: kwargs[key] for key in _HUB_LOADING_KWARGS if key in kwargs}
             try:
                 self.generation_config = MDMPrimeGenerationConfig.from_pretrained(
-                    pretrained_model_name_or_path,
-                    cache_dir=cache_dir,
-                    force_download=force_download,
-                    proxies=proxies,
-                    local_files_only=local_files_only,
-                    token=token,
-                    revision=revision,
-                    subfolder=subfolder,
-                    _from_auto=from_auto_class,
-                    _from_pipeline=from_pipeline,
+                    pretrained_model_name_or_path, _from_auto=from_auto_class, _from_pipeline=from_pipeline, **loading
                 )
             except OSError:
                 logger.info("no generation_config.json found; using the model's default generation config.")
@@ -253,6 +237,12 @@ class MDMPrimeGenerationMixin:
                 real = attention_mask.to(device).bool()
             fixed = (sub_ids != codec.mask_id) | ~real.unsqueeze(-1)
             sub_ids = sub_ids.masked_fill(~real.unsqueeze(-1), codec.mask_id)
+            impossible = ~codec.consistency_mask(sub_ids).any(-1) & real
+            if bool(impossible.any()):
+                raise ValueError(
+                    f"sub_token_ids at (batch, position) {tuple(impossible.nonzero()[0].tolist())} fix digits that "
+                    f"match no token id below vocab_size={codec.vocab_size}."
+                )
             filler = torch.full(real.shape, self._pad_id(config), dtype=torch.long, device=device)
         else:
             if input_ids is None:
@@ -410,47 +400,40 @@ class MDMPrimeGenerationMixin:
                 f"block_length={block_length})."
             )
         steps_per_block = num_steps // num_blocks
-        alphas = schedule.alpha(time_grid(steps_per_block, config.time_grid)).tolist()
+        times = time_grid(steps_per_block, config.time_grid)
+        alphas = schedule.alpha(times).tolist()
         alphas[0], alphas[-1] = 0.0, 1.0
-        grid = time_grid(steps_per_block, config.time_grid).tolist()
-        use_cache = config.use_idle_cache and not self.config.time_conditioning
+        grid = times.tolist()
 
         y = canvas.sub_ids.clone()
         streaming = _StreamState(streamer, canvas, codec, config.eos_token_id) if streamer is not None else None
         nfe, step_index, stopped = 0, 0, False
         idle = torch.zeros(batch, dtype=torch.long, device=self.device)
         history = [] if config.output_history else None
-        cache = None  # (rows, log_probs) valid while the canvas is unchanged
 
-        def scores_at(rows, noise_level):
-            nonlocal cache, nfe
-            if cache is None or not torch.equal(cache[0], rows):
-                log_probs = self.denoise(y, attention_mask=canvas.real, noise_level=noise_level, positions=rows)
-                nfe += 1
-                cache = (rows, log_probs) if use_cache else None
-            else:
-                log_probs = cache[1]
-            return self._process(processors, log_probs, rows, y, canvas, config)
+        def update(updatable, reveal_p, noise, greedy):
+            """One step: plan without the model, call it only if something is revealed (idle-step skip)."""
+            nonlocal nfe
+            uniform = counter_uniform(keys, step_index, counters)
+            rows = strategy.positions_to_score(updatable, reveal_p, uniform)
+            if not config.use_idle_cache:  # the naive sampler: the network at every step, every masked position
+                rows = updatable.any(-1)
+            if not bool(rows.any()):
+                return y
+            noise_level = torch.full((batch,), noise, device=self.device)
+            log_probs = self.denoise(y, attention_mask=canvas.real, noise_level=noise_level, positions=rows)
+            nfe += 1
+            scores = self._process(processors, log_probs, rows, y, canvas, config)
+            return strategy.step(y, updatable, rows, scores, reveal_p, uniform, greedy, config.sample_in_float64)
 
         for block in range(num_blocks):
             active = block_of == block
             for k in range(steps_per_block):
-                updatable = (y == codec.mask_id) & active.unsqueeze(-1)
-                rows = updatable.any(-1)
                 last = k == steps_per_block - 1
                 reveal_p = 1.0 if last else (alphas[k + 1] - alphas[k]) / (1.0 - alphas[k])
-                if bool(rows.any()):
-                    noise = torch.full((batch,), 1.0 - alphas[k], device=self.device)
-                    scores = scores_at(rows, noise)
-                    uniform = counter_uniform(keys, step_index, counters)
-                    greedy = not config.do_sample or (last and config.final_step == "argmax")
-                    new = strategy.step(y, updatable, rows, scores, reveal_p, uniform, greedy, config.sample_in_float64)
-                else:
-                    new = y
-                changed = (new != y).flatten(1).any(1)
-                idle += (~changed).long()
-                if bool(changed.any()):
-                    cache = None
+                greedy = not config.do_sample or (last and config.final_step == "argmax")
+                new = update((y == codec.mask_id) & active.unsqueeze(-1), reveal_p, 1.0 - alphas[k], greedy)
+                idle += (new == y).flatten(1).all(1).long()
                 y = new
                 step_index += 1
                 if history is not None:
@@ -466,13 +449,8 @@ class MDMPrimeGenerationMixin:
                 break
 
         if stopped:  # one final pass over everything still masked
-            updatable = (y == codec.mask_id) & generated.unsqueeze(-1)
-            rows = updatable.any(-1)
-            if bool(rows.any()):
-                scores = scores_at(rows, torch.zeros(batch, device=self.device))
-                uniform = counter_uniform(keys, step_index, counters)
-                greedy = not config.do_sample or config.final_step == "argmax"
-                y = strategy.step(y, updatable, rows, scores, 1.0, uniform, greedy, config.sample_in_float64)
+            greedy = not config.do_sample or config.final_step == "argmax"
+            y = update((y == codec.mask_id) & generated.unsqueeze(-1), 1.0, 0.0, greedy)
 
         sequences = self._finalize(y, canvas, config)
         if streaming is not None:

@@ -49,6 +49,43 @@ def sample_masks(
     return masked
 
 
+def sample_mask_counts(
+    maskable: torch.Tensor,
+    num_sub_tokens: int,
+    strata: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rao-Blackwellised forward process for the continuous-time ELBO of a time-independent network.
+
+    With t ~ U(0, 1) and each of a sequence's N elements masked with probability t, the number masked, k, is
+    uniform on {0..N} and ``E[1/t | k] = (N + 1) / k``; given k the masked set is a uniform k-subset. Hence
+
+        ∫_0^1 (1/t) E_q[S(y_t)] dt = E_{k ~ U{1..N}} E_{|M| = k}[ (N / k) · S(M) ]
+
+    for any per-sequence sum S over masked elements (valid bound or paper objective), and for any schedule
+    with exact end points (the bound depends on the schedule only through them). Unlike sampling t, whose
+    weight 1/t has an infinite second moment near t = 0, the weight N/k is bounded by N.
+
+    Args:
+        maskable: ``(B, L)`` bool, positions whose ℓ sub-tokens may be masked (N = ℓ · count per row).
+        strata: ``(B,)`` in [0, 1): k = 1 + floor(strata · N) (pass low-discrepancy values to stratify).
+    Returns:
+        ``(B, L, ℓ)`` bool masks with exactly k masked elements per row, and ``(B,)`` weights N / k (0 for
+        rows with nothing maskable).
+    """
+    batch, length = maskable.shape
+    elements = maskable.unsqueeze(-1).expand(batch, length, num_sub_tokens)
+    total = elements.flatten(1).sum(1)
+    count = (1 + torch.floor(strata.double() * total)).long().clamp(max=total.clamp(min=1))
+    keys = torch.rand(elements.shape, generator=generator, device=maskable.device, dtype=torch.float64)
+    keys = keys.masked_fill(~elements, 2.0).flatten(1)  # never chosen
+    rank = torch.empty_like(keys, dtype=torch.long)
+    rank.scatter_(1, keys.argsort(1), torch.arange(keys.shape[1], device=keys.device).expand_as(rank))
+    masked = (rank < count.unsqueeze(1)).view(elements.shape) & elements
+    weight = torch.where(total > 0, total.double() / count, torch.zeros_like(total, dtype=torch.float64))
+    return masked, weight.float()
+
+
 def _padded_grid(logits: torch.Tensor, codec: SubTokenCodec, copy: bool = False) -> torch.Tensor:
     """``(N, C)`` -> float32 ``(N, b_1, b, ..., b)``: one axis per digit, padded with -inf up to ``b_1 b^(ℓ-1)``.
 
@@ -224,6 +261,7 @@ __all__ = [
     "diffusion_terms",
     "digit_set_log_probs",
     "discrete_step_terms",
+    "sample_mask_counts",
     "sample_masks",
     "superset_logsumexp",
 ]

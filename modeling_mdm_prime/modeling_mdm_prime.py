@@ -27,13 +27,17 @@ from transformers.utils import ModelOutput, logging
 from .codec_mdm_prime import SubTokenCodec
 from .configuration_mdm_prime import MDMPrimeConfig
 from .generation_mdm_prime import MDMPrimeGenerationConfig, MDMPrimeGenerationMixin
-from .losses_mdm_prime import diffusion_terms, discrete_step_terms, sample_masks
+from .losses_mdm_prime import diffusion_terms, discrete_step_terms, sample_mask_counts, sample_masks
 
 # transformers 4.57 copies only the modeling file's direct relative imports into a checkpoint.
 from .sampling_mdm_prime import time_grid  # noqa: F401
 from .schedules_mdm_prime import NoiseSchedule, get_noise_schedule, sample_times
 
 logger = logging.get_logger(__name__)
+
+# Training a time-conditioned network samples t in [TRAIN_TIME_MIN, 1] (MDLM's sampling_eps): the weight w(t) ~ 1/t
+# has an infinite second moment at t -> 0. Time-independent networks use the exact count estimator instead.
+TRAIN_TIME_MIN = 1e-3
 
 
 @dataclass
@@ -42,12 +46,12 @@ class MDMPrimeDiffusionOutput(ModelOutput):
 
     Args:
         loss: the configured training objective in nats per token (scalar, differentiable).
-        elbo: the valid NELBO estimate in nats per token at the sampled times (detached). Training schedules
-            with ``noise_eps > 0`` leave out the nearly fully masked slice of the integral; report
-            likelihoods with :meth:`MDMPrimeForMaskedDiffusion.nll_bound`.
+        elbo: the valid NELBO estimate in nats per token (detached), a one-sample estimate; report likelihoods
+            with :meth:`MDMPrimeForMaskedDiffusion.nll_bound`.
         prime_objective: the MDM-Prime paper objective in nats per token (detached). *Not* a bound on
             the NLL: never report exp(prime_objective) as a perplexity.
-        timesteps: ``(B,)`` the sampled diffusion times.
+        timesteps: ``(B,)`` the diffusion times, or None when the masks were drawn by count (time-independent
+            networks).
         num_tokens: number of tokens the per-token averages are taken over.
     """
 
@@ -355,8 +359,8 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         self.codec.check_ids(ids, "input_ids")
         return ids, real
 
-    def _noise_level(self, alpha: torch.Tensor) -> torch.Tensor | None:
-        return (1.0 - alpha) if self.config.time_conditioning else None
+    def _noise_level(self, alpha: torch.Tensor | None) -> torch.Tensor | None:
+        return (1.0 - alpha) if self.config.time_conditioning and alpha is not None else None
 
     def _logits_at(
         self,
@@ -383,19 +387,24 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         generator: torch.Generator | None = None,
         return_dict: bool | None = None,
     ) -> MDMPrimeDiffusionOutput | tuple:
-        """Training objective on clean tokens.
+        """Training objective on clean tokens, in nats per scored token.
 
-        Draws t per sequence (low-discrepancy over the batch), masks every sub-token with probability
-        1 - α_t, and returns ``w(t) Σ_tokens (per-token term)`` averaged over the scored tokens:
-        the valid bound's ``Σ_{j masked} -log p̄(y0^j | y_t)`` or the paper's ``-log p_θ(x0 | y_t)``.
+        Per sequence, a Monte-Carlo term ``weight · Σ_tokens (per-token term)``, where the per-token term is the
+        valid bound's ``Σ_{j masked} -log p̄(y0^j | y_t)`` or the paper's ``-log p_θ(x0 | y_t)``:
+
+        * time-independent network (the default): k ~ U{1..N} of the sequence's N sub-tokens are masked, chosen
+          uniformly, weight N/k (:func:`sample_mask_counts`): the continuous-time NELBO integrated over t in
+          closed form, unbiased and with bounded weights;
+        * time-conditioned network (or explicit ``timesteps``): t in [1e-3, 1] (low-discrepancy over the
+          batch), each sub-token masked with probability 1 - α_t, weight w(t) = -α'/(1 - α).
 
         Args:
             input_ids: ``(B, L)`` clean token ids.
             attention_mask: ``(B, L)``; padding is never masked, scored or attended to.
             labels: optional ``(B, L)``; positions equal to -100 are kept clean and not scored (e.g. a
                 prompt), others are the targets. Defaults to ``input_ids``.
-            timesteps: optional ``(B,)`` times in (0, 1] instead of sampled ones.
-            generator: optional torch.Generator for t and the masks.
+            timesteps: optional ``(B,)`` times in (0, 1]: mask with probability 1 - α_t at these times.
+            generator: optional torch.Generator for the noise.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         ids, scored = self._prepare_tokens(input_ids, attention_mask)
@@ -407,22 +416,30 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             self.codec.check_ids(ids, "labels")
             scored = scored & ~keep
         batch = ids.shape[0]
-        schedule = self.noise_schedule
-        if timesteps is None:
-            t = sample_times(batch, generator=generator, device=ids.device)
-        else:
+        clean = self.codec.encode(ids)
+        if timesteps is not None:
             t = timesteps.to(device=ids.device, dtype=torch.float32).expand(batch)
             if bool(((t <= 0) | (t > 1)).any()):
                 raise ValueError("timesteps must lie in (0, 1].")
-        alpha = schedule.alpha(t)
-        clean = self.codec.encode(ids)
-        masked = sample_masks(clean.shape, alpha, scored, generator)
+        elif self.config.time_conditioning:
+            t = TRAIN_TIME_MIN + (1 - TRAIN_TIME_MIN) * sample_times(batch, generator=generator, device=ids.device)
+        else:
+            t = None
+        if t is None:
+            strata = 1.0 - sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64)
+            masked, seq_weight = sample_mask_counts(scored, self.codec.num_sub_tokens, strata, generator)
+            alpha = None
+        else:
+            schedule = self.noise_schedule
+            alpha = schedule.alpha(t)
+            masked = sample_masks(clean.shape, alpha, scored, generator)
+            seq_weight = schedule.weight(t)
         rows = masked.any(-1)
         logits = self._logits_at(
             clean.masked_fill(masked, self.codec.mask_id), attention_mask, self._noise_level(alpha), rows
         )
         valid, prime = diffusion_terms(logits, ids[rows], masked[rows], self.codec, self.config.carry_over)
-        weight = schedule.weight(t).unsqueeze(1).expand_as(rows)[rows]
+        weight = seq_weight.unsqueeze(1).expand_as(rows)[rows]
         num_tokens = scored.sum()
         denom = num_tokens.clamp(min=1)
         elbo = (weight * valid).sum() / denom
@@ -502,8 +519,10 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         Discrete time with T steps (t_i = i/T): ``L_T = T · E_{i, y_t, U}[ Σ_i -log p̄(y0^U | y_t) ]`` where U is
         the set of masked digits the step t_i -> t_{i-1} reveals (each with probability (α_s - α_t)/(1 - α_t)).
 
-        Both use the endpoint-exact schedule (α(0) = 1, α(1) = 0), so nothing is dropped. Each sequence gets
-        ``num_samples`` stratified times; ``nll_stderr`` is their standard deviation over sqrt(K), which
+        Both use the endpoint-exact schedule (α(0) = 1, α(1) = 0), so nothing is dropped. In continuous time a
+        time-independent network is scored with the count estimator (:func:`sample_mask_counts`: t integrated
+        out exactly, bounded weights); a time-conditioned one with t in (0, 1]. Each sequence gets
+        ``num_samples`` stratified draws; ``nll_stderr`` is their standard deviation over sqrt(K), which
         stratification makes conservative. In continuous time the paper objective is estimated from the same
         samples and returned as ``paper_objective`` (not a bound).
         """
@@ -519,14 +538,20 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         strata = torch.remainder(u + torch.arange(num_samples, device=device) / num_samples, 1.0)  # (B, K)
         valid_samples = torch.zeros(batch, num_samples, dtype=torch.float64, device=device)
         prime_samples = torch.zeros_like(valid_samples)
+        by_count = num_steps is None and not self.config.time_conditioning
         for k in range(num_samples):
-            if num_steps is None:
+            if by_count:
+                masked, seq_weight = sample_mask_counts(scored, self.codec.num_sub_tokens, strata[:, k], generator)
+                alpha = None
+            elif num_steps is None:
                 t = (1.0 - strata[:, k]).float()
+                alpha = schedule.alpha(t)
+                masked, seq_weight = sample_masks(clean.shape, alpha, scored, generator), schedule.weight(t)
             else:
                 step = torch.floor(strata[:, k] * num_steps) + 1  # uniform on {1..T}
                 t, s = (step / num_steps).float(), ((step - 1) / num_steps).float()
-            alpha = schedule.alpha(t)
-            masked = sample_masks(clean.shape, alpha, scored, generator)
+                alpha = schedule.alpha(t)
+                masked = sample_masks(clean.shape, alpha, scored, generator)
             rows = masked.any(-1)
             logits = self._logits_at(
                 clean.masked_fill(masked, self.codec.mask_id), attention_mask, self._noise_level(alpha), rows
@@ -534,7 +559,7 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             row_batch = torch.arange(batch, device=device).unsqueeze(1).expand_as(rows)[rows]
             if num_steps is None:
                 valid, prime = diffusion_terms(logits, ids[rows], masked[rows], self.codec, self.config.carry_over)
-                weight = schedule.weight(t).double()
+                weight = seq_weight.double()
                 valid_samples[:, k].index_add_(0, row_batch, valid.double())
                 prime_samples[:, k].index_add_(0, row_batch, prime.double())
                 valid_samples[:, k] *= weight

@@ -97,8 +97,8 @@ def counter_uniform(keys: torch.Tensor, step: int, counters: torch.Tensor) -> to
 
 def sample_categorical(
     log_probs: torch.Tensor, uniform: torch.Tensor, greedy: bool = False, float64: bool = True
-) -> torch.Tensor:
-    """One draw per row from ``softmax(log_probs)``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw per row from ``softmax(log_probs)``, and the drawn token's probability.
 
     Args:
         log_probs: ``(N, C)`` unnormalised log-probabilities (-inf for excluded tokens).
@@ -108,66 +108,93 @@ def sample_categorical(
             whose probability is below ~2^-24 of the largest can then never be drawn, which silently lowers
             the temperature (method.md §1). Kept for comparisons.
     Returns:
-        ``(N,)`` long token ids.
+        ``(N,)`` long token ids and ``(N,)`` float64 probabilities of those tokens.
     """
-    if greedy:
-        return log_probs.argmax(-1)
-    if not float64:
-        # One float32 Gumbel variate per token, hashed from the row's uniform and the token id.
-        keys = (uniform * 2**32).long()
-        tokens = torch.arange(log_probs.shape[1], device=log_probs.device).expand_as(log_probs)
-        u = counter_uniform(keys, 0, tokens).float().clamp(min=torch.finfo(torch.float32).tiny, max=1.0 - 2.0**-24)
-        return (log_probs.float() - torch.log(-torch.log(u))).argmax(-1)
-    out = torch.empty(log_probs.shape[0], dtype=torch.long, device=log_probs.device)
+    if greedy or not float64:
+        if greedy:
+            tokens = log_probs.argmax(-1)
+        else:  # one float32 Gumbel variate per token, hashed from the row's uniform and the token id
+            ids = torch.arange(log_probs.shape[1], device=log_probs.device).expand_as(log_probs)
+            u = counter_uniform((uniform * 2**32).long(), 0, ids).float()
+            u = u.clamp(min=torch.finfo(torch.float32).tiny, max=1.0 - 2.0**-24)
+            tokens = (log_probs.float() - torch.log(-torch.log(u))).argmax(-1)
+        probs = torch.log_softmax(log_probs.double(), -1).gather(1, tokens.unsqueeze(1)).squeeze(1).exp()
+        return tokens, probs
+    tokens = torch.empty(log_probs.shape[0], dtype=torch.long, device=log_probs.device)
+    probs = torch.empty(log_probs.shape[0], dtype=torch.float64, device=log_probs.device)
     chunk = max(1, _DRAW_CHUNK_ELEMENTS // max(1, log_probs.shape[1]))
     for start in range(0, log_probs.shape[0], chunk):
         cdf = torch.softmax(log_probs[start : start + chunk].double(), dim=-1).cumsum_(-1)
-        target = (uniform[start : start + chunk] * cdf[:, -1]).unsqueeze(-1)
-        out[start : start + chunk] = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return out.clamp_(max=log_probs.shape[1] - 1)
+        total = cdf[:, -1:]
+        index = torch.searchsorted(cdf, uniform[start : start + chunk, None] * total, right=True)
+        index = index.clamp_(max=log_probs.shape[1] - 1)
+        upper = cdf.gather(1, index)
+        lower = torch.where(index > 0, cdf.gather(1, (index - 1).clamp(min=0)), torch.zeros_like(upper))
+        tokens[start : start + chunk] = index.squeeze(1)
+        probs[start : start + chunk] = ((upper - lower) / total).squeeze(1)
+    return tokens, probs
 
 
 class SamplerStep:
-    """One reverse step ``y_t -> y_s`` of a masked-diffusion sampler.
+    """One reverse step ``y_t -> y_s`` of a masked-diffusion sampler, in two parts.
 
-    ``step`` receives:
+    :meth:`positions_to_score` decides, *without the model*, which positions need the network's scores this
+    step; when none do, the step reveals nothing and the generation loop skips the network (an idle step).
+    :meth:`step` then updates the sub-tokens from the scores. Arguments:
+
         sub_ids: ``(B, L, ℓ)`` current digits (``codec.mask_id`` where masked).
         updatable: ``(B, L, ℓ)`` bool, the masked digits this step may reveal.
-        rows: ``(B, L)`` bool, positions whose scores are given (every position with an updatable digit).
+        rows: ``(B, L)`` bool, positions whose scores are given (a superset of ``positions_to_score``).
         scores: ``(N, C)`` processed log-probabilities at ``rows`` (row-major order).
         reveal_probability: ``(α_s - α_t) / (1 - α_t)``; 1 on the last step.
         uniform: ``(B, L, ℓ + 1)`` float64 uniforms; slot 0 draws the token, slots 1..ℓ decide the digits.
         greedy: draw argmax tokens instead of sampling.
         float64: draw in float64 (see :func:`sample_categorical`).
-    and returns the new ``(B, L, ℓ)`` digits. Revealed digits come from one joint token draw per position, so
-    they agree with each other and, through the consistency filter, with the digits already revealed.
+
+    Revealed digits come from one joint token draw per position, so they agree with each other and, through
+    the consistency filter, with the digits already revealed.
     """
 
     def __init__(self, codec: SubTokenCodec):
         self.codec = codec
 
-    def draw(self, scores, rows, uniform, greedy, float64=True):
-        """Token draw per scored position and its probability: ``(B, L)`` ids (0 elsewhere), ``(B, L)`` probs."""
-        tokens = sample_categorical(scores, uniform[..., 0][rows], greedy, float64)
-        picked = torch.zeros(rows.shape, dtype=torch.long, device=rows.device)
-        picked[rows] = tokens
-        confidence = torch.zeros(rows.shape, dtype=torch.float64, device=rows.device)
-        confidence[rows] = torch.log_softmax(scores.double(), -1).gather(1, tokens[:, None]).squeeze(1).exp()
-        return picked, confidence
+    def positions_to_score(self, updatable, reveal_probability, uniform) -> torch.Tensor:
+        raise NotImplementedError
 
     def step(self, sub_ids, updatable, rows, scores, reveal_probability, uniform, greedy=False, float64=True):
         raise NotImplementedError
 
+    def _draw(self, scores, rows, uniform, greedy, float64):
+        """``(B, L)`` drawn tokens (0 where not scored) and their probabilities (0 where not scored)."""
+        tokens, probs = sample_categorical(scores, uniform[..., 0][rows], greedy, float64)
+        picked = torch.zeros(rows.shape, dtype=torch.long, device=rows.device)
+        picked[rows] = tokens
+        confidence = torch.zeros(rows.shape, dtype=torch.float64, device=rows.device)
+        confidence[rows] = probs
+        return picked, confidence
+
 
 class AncestralStep(SamplerStep):
     """The MDM-Prime ancestral sampler: draw ``x̂ ~ p_θ(· | y_t)`` per position and reveal each masked digit
-    of ``encode(x̂)`` independently with probability ``(α_s - α_t) / (1 - α_t)`` (method.md §3.5)."""
+    of ``encode(x̂)`` independently with probability ``(α_s - α_t) / (1 - α_t)`` (method.md §3.5).
+
+    Which digits are revealed does not depend on x̂, so it is decided first and x̂ is drawn only where a
+    digit is revealed.
+    """
 
     name = "ancestral"
 
+    def _reveal(self, updatable, reveal_probability, uniform):
+        return updatable & (uniform[..., 1:] < reveal_probability)
+
+    def positions_to_score(self, updatable, reveal_probability, uniform):
+        return self._reveal(updatable, reveal_probability, uniform).any(-1)
+
     def step(self, sub_ids, updatable, rows, scores, reveal_probability, uniform, greedy=False, float64=True):
-        tokens, _ = self.draw(scores, rows, uniform, greedy, float64)
-        reveal = updatable & (uniform[..., 1:] < reveal_probability)
+        reveal = self._reveal(updatable, reveal_probability, uniform)
+        drawn = reveal.any(-1)
+        keep = drawn[rows]  # draw only where something is revealed, even if more rows were scored
+        tokens, _ = self._draw(scores[keep], drawn, uniform, greedy, float64)
         return torch.where(reveal, self.codec.encode(tokens), sub_ids)
 
 
@@ -181,11 +208,17 @@ class ConfidenceStep(SamplerStep):
 
     name = "confidence"
 
+    def _quota(self, updatable, reveal_probability):
+        count = updatable.flatten(1).sum(1)
+        return torch.floor(count.double() * reveal_probability + 0.5).long()
+
+    def positions_to_score(self, updatable, reveal_probability, uniform):
+        return updatable.any(-1) & (self._quota(updatable, reveal_probability) > 0).unsqueeze(1)
+
     def step(self, sub_ids, updatable, rows, scores, reveal_probability, uniform, greedy=False, float64=True):
-        tokens, confidence = self.draw(scores, rows, uniform, greedy, float64)
+        tokens, confidence = self._draw(scores, rows, uniform, greedy, float64)
         batch = sub_ids.shape[0]
-        count = updatable.view(batch, -1).sum(1)
-        quota = torch.floor(count.double() * reveal_probability + 0.5).long()
+        quota = self._quota(updatable, reveal_probability)
         score = confidence.unsqueeze(-1).expand_as(updatable).masked_fill(~updatable, -1.0).reshape(batch, -1)
         order = torch.argsort(score, dim=1, descending=True, stable=True)
         positions = torch.arange(order.shape[1], device=order.device).expand_as(order)

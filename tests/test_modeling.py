@@ -13,10 +13,15 @@ def test_training_forward_and_gradients():
     out = model(ids)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert torch.equal(out.loss, out.elbo.requires_grad_(False)) or torch.allclose(out.loss.detach(), out.elbo)
-    assert out.num_tokens == 64 and out.timesteps.shape == (4,)
+    assert out.num_tokens == 64 and out.timesteps is None  # time-independent: masks drawn by count
     out.loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
+    timed = tiny_model(time_conditioning=True).train()
+    out = timed(ids)
+    assert out.timesteps.shape == (4,) and bool((out.timesteps >= 1e-3).all())
+    out.loss.backward()
+    assert all(p.grad is not None for p in timed.parameters())
     prime_model = tiny_model(loss_type="prime")
     out = prime_model(ids, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out.loss.detach(), out.prime_objective) and out.elbo is not None

@@ -11,6 +11,7 @@ from modeling_mdm_prime import (
     SubTokenCodec,
     diffusion_terms,
     digit_set_log_probs,
+    sample_mask_counts,
     superset_logsumexp,
 )
 
@@ -166,3 +167,23 @@ def test_prime_and_valid_agree_when_digits_are_independent():
     masked = torch.ones(5, 3, dtype=torch.bool)
     valid, prime = diffusion_terms(logits, targets, masked, codec)
     assert torch.allclose(valid, prime, atol=1e-5)
+
+
+def test_count_estimator_integrates_t_out_exactly():
+    """E_k[(N/k) f(M)] with k ~ U{1..N} equals ∫ (1/t) E[f(M_t)] dt; for f = |M|^2 both are N(N+1)/2."""
+    maskable = torch.ones(4000, 5, dtype=torch.bool)
+    maskable[:, 4] = False  # padding is never masked
+    strata = torch.rand(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    masked, weight = sample_mask_counts(maskable, 2, strata, torch.Generator().manual_seed(1))
+    n = 8  # 4 positions x 2 sub-tokens
+    count = masked.flatten(1).sum(1)
+    assert not masked[:, 4].any() and int(count.min()) >= 1 and int(count.max()) <= n
+    assert torch.equal(count, (1 + torch.floor(strata * n)).long())
+    assert torch.allclose(weight, n / count.float())
+    estimate = (weight * count.float() ** 2).double()
+    assert abs(float(estimate.mean()) - n * (n + 1) / 2) < 4 * float(estimate.std()) / math.sqrt(4000)
+    # Every element is equally likely to be masked.
+    frequency = masked[:, :4].flatten(1).double().mean(0)
+    assert float(frequency.max() - frequency.min()) < 0.05
+    none, zero_weight = sample_mask_counts(torch.zeros(2, 3, dtype=torch.bool), 1, torch.rand(2, dtype=torch.float64))
+    assert not none.any() and torch.equal(zero_weight, torch.zeros(2))
