@@ -37,9 +37,11 @@ class MDMPrimeConfig(PretrainedConfig):
         time_conditioning: condition every block on t through adaLN (DiT). When ``False`` the network
             is time independent, which makes the sampler's idle-step cache exact.
         time_embedding_size: width of the timestep embedding used by adaLN.
-        noise_schedule: one of ``"linear"``, ``"polynomial"``, ``"cosine"``, ``"geometric"``.
-        noise_eps: the training schedule keeps ``α(1) = noise_eps`` (MDLM uses 1e-3). Likelihood bounds
-            and the sampler always use the endpoint-exact schedule (α(0) = 1, α(1) = 0).
+        noise_schedule: one of ``"linear"``, ``"polynomial"``, ``"cosine"``, ``"geometric"``. The sampler's
+            reveal probabilities and the discrete-time bound follow its endpoint-exact version (α(0) = 1,
+            α(1) = 0); a time-conditioned network is also trained at times drawn through it. (A time-independent
+            network is trained with the count estimator, for which every schedule gives the same objective.)
+        noise_eps: the training schedule keeps ``α(1) = noise_eps`` (MDLM uses 1e-3).
         polynomial_exponent: p of ``α_t = 1 - t**p``.
         geometric_beta_min, geometric_beta_max: β range of the geometric schedule.
         loss_type: ``"elbo"`` trains on the valid bound on the NLL; ``"prime"`` on the MDM-Prime paper's
