@@ -8,7 +8,7 @@ The Trainer optimises the model's own forward loss (the valid bound by default, 
   + EOS and the labels are -100 on the prompt, so the prompt is never masked and never scored: the model learns
   to fill in the response given the prompt.
 
-    python examples/finetune.py --model_name_or_path outputs/quickstart --train_file pairs.jsonl \\
+    python examples/finetune.py --model_name_or_path outputs/pretrain/final --train_file pairs.jsonl \\
         --output_dir outputs/finetuned --max_steps 200 --learning_rate 1e-4 --per_device_train_batch_size 16
     python examples/finetune.py ... --lora --lora_r 8 --merge_lora   # LoRA, merged into the weights at the end
 

@@ -174,9 +174,15 @@ def load_corpus(cfg: PretrainConfig):
     data = data.select_columns(["text"])
     if cfg.max_documents:
         data = data.take(cfg.max_documents) if cfg.streaming else data.select(range(cfg.max_documents))
-    if cfg.streaming:  # held out: the first documents of the stream
-        held = max(1, int(cfg.validation_documents)) if cfg.validation_documents >= 1 else 16
-        return data.skip(held), data.take(held)
+    if cfg.streaming:  # a stream has no length: hold out the first N documents, or every k-th for a fraction
+        if cfg.validation_documents >= 1:
+            held = int(cfg.validation_documents)
+            return data.skip(held), data.take(held)
+        every = max(2, round(1 / cfg.validation_documents))
+        return (
+            data.filter(lambda _, i: i % every != 0, with_indices=True),
+            data.filter(lambda _, i: i % every == 0, with_indices=True),
+        )
     held = cfg.validation_documents
     split = data.train_test_split(test_size=int(held) if held >= 1 else held, seed=cfg.seed)
     return split["train"], split["test"]
@@ -297,13 +303,19 @@ def evaluate(accelerator: Accelerator, model, blocks: dict, cfg: PretrainConfig)
     return {"val/nelbo": nll / tokens, "val/ppl_bound": math.exp(nll / tokens), "val/paper_objective": paper / tokens}
 
 
-def main() -> None:
+def parse_config(argv: list[str]) -> PretrainConfig:
+    """Command-line flags, or a single JSON / YAML file holding them."""
     parser = HfArgumentParser(PretrainConfig)
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        load = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
-        (cfg,) = load(sys.argv[1])
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        (cfg,) = load(argv[0])
     else:
-        (cfg,) = parser.parse_args_into_dataclasses()
+        (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    return cfg
+
+
+def main() -> None:
+    cfg = parse_config(sys.argv[1:])
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     trackers = [JSONLTracker(run_name="pretrain", logging_dir=str(Path(cfg.output_dir) / "logs"))]
     for name in filter(None, cfg.report_to.split(",")):

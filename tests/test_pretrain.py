@@ -17,6 +17,8 @@ sys.path.insert(0, str(REPO / "examples"))
 
 import pretrain  # noqa: E402
 
+from conftest import GPT2_TOKENIZER  # noqa: E402
+
 TINY = [
     "--max_documents", "6", "--eval_blocks", "8", "--eval_time_samples", "2", "--hidden_size", "32",
     "--intermediate_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--batch_size", "4",
@@ -62,6 +64,23 @@ def test_bundled_corpus_tokenises_and_packs_deterministically():
     assert 2 * len(train) - 1 <= int((first == tokenizer.eos_token_id).sum()) <= 2 * len(train)
     padded = pretrain.tokenize_blocks(train, tokenizer, pretrain.PretrainConfig(seq_len=64, packing=False))[:]
     assert padded["input_ids"].shape == (len(train), 64) and bool((padded["attention_mask"].sum(1) <= 64).all())
+
+
+def test_config_file_streaming_and_a_pretrained_tokenizer(tmp_path):
+    settings = {"max_documents": 3, "streaming": True, "seq_len": 48, "tokenizer": str(GPT2_TOKENIZER.parent)}
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    (tmp_path / "run.yaml").write_text("".join(f"{key}: {value}\n" for key, value in settings.items()))
+    for name in ("run.json", "run.yaml"):
+        cfg = pretrain.parse_config([str(tmp_path / name)])
+        assert (cfg.max_documents, cfg.streaming, cfg.seq_len) == (3, True, 48)
+    assert pretrain.parse_config(["--seq_len", "48", "--packing", "false"]).packing is False
+    train, val = pretrain.load_corpus(cfg)  # streaming: documents are read lazily
+    tokenizer = pretrain.build_tokenizer(cfg, train)
+    assert len(tokenizer) == 50257 and tokenizer.pad_token_id == tokenizer.eos_token_id
+    blocks = list(pretrain.tokenize_blocks(train, tokenizer, cfg).take(5))
+    assert len(blocks) == 5 and all(len(block["input_ids"]) == 48 for block in blocks)
+    assert int(blocks[0]["input_ids"][0]) == tokenizer.bos_token_id
+    assert len(list(val)) >= 1
 
 
 def test_ddp_two_processes_resume_reproduces_the_uninterrupted_run(tmp_path):
