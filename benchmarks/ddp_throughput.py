@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,12 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run(processes: int, a: argparse.Namespace, workdir: Path) -> float:
     """Training tokens per second (all processes) between step --skip and step --steps."""
     out = workdir / f"p{processes}"
@@ -45,8 +52,9 @@ def run(processes: int, a: argparse.Namespace, workdir: Path) -> float:
         command = [sys.executable, script, *args]
     else:
         config = str(REPO / "examples" / "accelerate_configs" / "cpu_ddp.yaml")
+        port = str(free_port())
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
-                   "--num_processes", str(processes), "--main_process_port", "0", script, *args]  # fmt: skip
+                   "--num_processes", str(processes), "--main_process_port", port, script, *args]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(max(1, os.cpu_count() // processes))}
     subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]

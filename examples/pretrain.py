@@ -272,6 +272,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: PretrainConfig, step: int) ->
         return
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # before any process writes its RNG state into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
