@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -418,7 +418,7 @@ def main() -> None:
                 accelerator.log(logs, step=step)
                 bar.set_postfix(elbo=f"{logs['train/elbo']:.3f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                with ema.applied(eval_model) if ema is not None else _nothing():
+                with ema.applied(eval_model) if ema is not None else nullcontext():
                     metrics = evaluate(accelerator, eval_model, val_blocks, cfg)
                 accelerator.log(metrics, step=step)
                 logger.info(
@@ -442,7 +442,7 @@ def main() -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = Path(cfg.output_dir) / "final"
-        with ema.applied(eval_model) if ema is not None else _nothing():
+        with ema.applied(eval_model) if ema is not None else nullcontext():
             eval_model.generation_config.update(max_new_tokens=cfg.sample_tokens)
             eval_model.save_pretrained(final)
             tokenizer.save_pretrained(final)
@@ -456,11 +456,6 @@ def main() -> None:
         logger.info(f"saved the EMA model, tokenizer and samples to {final}", main_process_only=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _available_trackers(requested: list) -> list:

@@ -15,8 +15,8 @@ from datasets import Dataset, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from conftest import tiny_model
-from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion
+from conftest import tiny_config, tiny_model
+from modeling_mdm_prime import MDMPrimeForMaskedDiffusion
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "finetune.py"
@@ -84,18 +84,10 @@ def workdir(tmp_path_factory) -> Path:
     )
     tokenizer.train_from_iterator([p["prompt"] + p["response"] for p in pairs], trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    config = MDMPrimeConfig(
-        vocab_size=len(tok),
-        num_sub_tokens=2,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=32,
-        dropout=0.0,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    config = tiny_config(
+        vocab_size=len(tok), num_sub_tokens=2, hidden_size=64, intermediate_size=128, max_position_embeddings=32,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
     pretrain(MDMPrimeForMaskedDiffusion(config), tok).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     write_jsonl(root / "train.jsonl", pairs)
