@@ -31,7 +31,7 @@ from itertools import chain
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker, on_main_process
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -318,6 +318,9 @@ def parse_config(argv: list[str]) -> PretrainConfig:
 def main() -> None:
     cfg = parse_config(sys.argv[1:])
     logging.basicConfig(format="%(message)s", level=logging.INFO)
+    # Set up the process state before anything reads it: trackers consult it in their constructors, and a
+    # default PartialState() made there would not know this is a CPU launch and would see one process.
+    PartialState(cpu=cfg.cpu)
     trackers = [JSONLTracker(run_name="pretrain", logging_dir=str(Path(cfg.output_dir) / "logs"))]
     for name in filter(None, cfg.report_to.split(",")):
         if name != "jsonl":
@@ -344,7 +347,8 @@ def main() -> None:
     }
     model = build_model(cfg, tokenizer)
     logger.info(
-        f"{model.num_parameters() / 1e6:.2f}M parameters, ℓ={cfg.num_sub_tokens}, vocabulary {len(tokenizer)}",
+        f"{model.num_parameters() / 1e6:.2f}M parameters, ℓ={cfg.num_sub_tokens}, vocabulary {len(tokenizer)}, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}",
         main_process_only=True,
     )
 
@@ -367,7 +371,7 @@ def main() -> None:
     ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    accelerator.init_trackers("pretrain", config=asdict(cfg))
+    accelerator.init_trackers("pretrain", config={**asdict(cfg), "num_processes": accelerator.num_processes})
 
     step = 0
     if cfg.resume_from_checkpoint:

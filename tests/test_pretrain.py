@@ -97,6 +97,8 @@ def test_ddp_two_processes_resume_reproduces_the_uninterrupted_run(tmp_path):
     run([*common, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "3"], processes=2)
     assert [p.name for p in pretrain.checkpoint_dirs(tmp_path / "resumed")] == ["checkpoint-3"]
     run([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"], processes=2)
+    for run_dir in ("straight", "resumed"):  # really two data-parallel processes, not two copies of one
+        assert json.loads((tmp_path / run_dir / "logs" / "config.json").read_text())["num_processes"] == 2
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(straight) == list(range(1, 7)) and sorted(resumed) == list(range(1, 7))
     # Same data order, masks and optimizer state after the restart: the losses agree to float precision.
