@@ -2,7 +2,8 @@
 
 Importing the package registers the classes with the Auto factories, so ``AutoModel.from_pretrained`` works
 on saved checkpoints without ``trust_remote_code``; checkpoints also carry the code for users who do not
-install the package.
+install the package. ``publish_checkpoint`` (in ``hub_mdm_prime``, which is not shipped as remote code) pushes a
+checkpoint with its code, tokenizer and a generated model card to the Hub.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
@@ -14,6 +15,14 @@ from .generation_mdm_prime import (
     MDMPrimeGenerationConfig,
     MDMPrimeGenerationMixin,
     MDMPrimeSamplerState,
+)
+from .hub_mdm_prime import (
+    HubPublishError,
+    check_checkpoint,
+    publish_checkpoint,
+    render_model_card,
+    shipped_code_files,
+    stage_checkpoint,
 )
 from .losses_mdm_prime import (
     diffusion_terms,
@@ -74,6 +83,7 @@ __all__ = [
     "time_grid",
     "CosineSchedule",
     "GeometricSchedule",
+    "HubPublishError",
     "LinearSchedule",
     "MDMPrimeConfig",
     "MDMPrimeDiffusionOutput",
@@ -83,6 +93,11 @@ __all__ = [
     "MDMPrimePreTrainedModel",
     "NoiseSchedule",
     "PolynomialSchedule",
+    "check_checkpoint",
+    "publish_checkpoint",
+    "render_model_card",
+    "shipped_code_files",
+    "stage_checkpoint",
     "SubTokenCodec",
     "diffusion_terms",
     "digit_set_log_probs",

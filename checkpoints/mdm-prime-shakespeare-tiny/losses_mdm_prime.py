@@ -1,0 +1,267 @@
+"""Forward process and objectives of MDM-Prime / MD4 (method.md §1, §3.2, §3.4).
+
+Notation: a token x0 has digits y0 = (y0^1..y0^ℓ); y_t is y0 with some digits masked; p_θ(x | y_t) is the
+model's distribution over the C real tokens, restricted to the tokens consistent with the revealed digits
+V(y_t) when ``carry_over`` is on. For a set U of digit positions,
+
+    p̄_θ(y^U = y0^U | y_t) = Σ_{x ∈ V(y_t): digits U of x equal y0^U} p_θ(x | y_t).
+
+Every objective is built from these set marginals:
+  * valid continuous-time bound: Σ_{j masked} -log p̄(y^{j} = y0^{j} | y_t)   (digits revealed one at a time)
+  * discrete-time bound, one step revealing U: -log p̄(y^U = y0^U | y_t)
+  * the MDM-Prime paper objective: -log p̄(y^M = y0^M | y_t) with M all masked digits, i.e. -log p_θ(x0 | y_t)
+    with the filter. Not an upper bound on the NLL (method.md §3.4).
+
+The set marginals come from :func:`superset_logsumexp`, which needs about one pass over the (N, C) logits for
+all 2^ℓ digit sets at once: no (N, C, ℓ) tensor and no dense (N, C) filter is materialised.
+
+Plain torch: no model, no I/O.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .codec_mdm_prime import SubTokenCodec
+
+
+def sample_masks(
+    shape: tuple[int, ...] | torch.Size,
+    alpha: torch.Tensor,
+    maskable: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Forward process q(y_t | y0): every sub-token is masked independently with probability 1 - α_t.
+
+    Args:
+        shape: ``(B, L, ℓ)``.
+        alpha: ``(B,)`` α(t) per sequence.
+        maskable: optional ``(B, L)`` bool; positions where it is False are never masked (padding,
+            prompts).
+    Returns:
+        ``(B, L, ℓ)`` bool, True where the sub-token is masked.
+    """
+    u = torch.rand(shape, generator=generator, device=alpha.device, dtype=torch.float64)
+    masked = u >= alpha.to(torch.float64).view(-1, *([1] * (len(shape) - 1)))
+    if maskable is not None:
+        masked &= maskable.unsqueeze(-1)
+    return masked
+
+
+def sample_mask_counts(
+    maskable: torch.Tensor,
+    num_sub_tokens: int,
+    strata: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rao-Blackwellised forward process for the continuous-time ELBO of a time-independent network.
+
+    With t ~ U(0, 1) and each of a sequence's N elements masked with probability t, the number masked, k, is
+    uniform on {0..N} and ``E[1/t | k] = (N + 1) / k``; given k the masked set is a uniform k-subset. Hence
+
+        ∫_0^1 (1/t) E_q[S(y_t)] dt = E_{k ~ U{1..N}} E_{|M| = k}[ (N / k) · S(M) ]
+
+    for any per-sequence sum S over masked elements (valid bound or paper objective), and for any schedule
+    with exact end points (the bound depends on the schedule only through them). Unlike sampling t, whose
+    weight 1/t has an infinite second moment near t = 0, the weight N/k is bounded by N.
+
+    Args:
+        maskable: ``(B, L)`` bool, positions whose ℓ sub-tokens may be masked (N = ℓ · count per row).
+        strata: ``(B,)`` in [0, 1): k = 1 + floor(strata · N) (pass low-discrepancy values to stratify).
+    Returns:
+        ``(B, L, ℓ)`` bool masks with exactly k masked elements per row, and ``(B,)`` weights N / k (0 for
+        rows with nothing maskable).
+    """
+    batch, length = maskable.shape
+    elements = maskable.unsqueeze(-1).expand(batch, length, num_sub_tokens)
+    total = elements.flatten(1).sum(1)
+    count = (1 + torch.floor(strata.double() * total)).long().clamp(max=total.clamp(min=1))
+    keys = torch.rand(elements.shape, generator=generator, device=maskable.device, dtype=torch.float64)
+    keys = keys.masked_fill(~elements, 2.0).flatten(1)  # never chosen
+    rank = torch.empty_like(keys, dtype=torch.long)
+    rank.scatter_(1, keys.argsort(1), torch.arange(keys.shape[1], device=keys.device).expand_as(rank))
+    masked = (rank < count.unsqueeze(1)).view(elements.shape) & elements
+    weight = torch.where(total > 0, total.double() / count, torch.zeros_like(total, dtype=torch.float64))
+    return masked, weight.float()
+
+
+def _padded_grid(logits: torch.Tensor, codec: SubTokenCodec, copy: bool = False) -> torch.Tensor:
+    """``(N, C)`` -> float32 ``(N, b_1, b, ..., b)``: one axis per digit, padded with -inf up to ``b_1 b^(ℓ-1)``.
+
+    Shares memory with ``logits`` when no padding or cast is needed, unless ``copy``.
+    """
+    inner = codec.base ** (codec.num_sub_tokens - 1)
+    first = -(-codec.vocab_size // inner)
+    shape = (logits.shape[0], first, *([codec.base] * (codec.num_sub_tokens - 1)))
+    if first * inner == codec.vocab_size and not copy and logits.dtype == torch.float32:
+        return logits.view(shape)
+    grid = torch.empty(logits.shape[0], first * inner, dtype=torch.float32, device=logits.device)
+    grid[:, : codec.vocab_size] = logits
+    grid[:, codec.vocab_size :] = float("-inf")
+    return grid.view(shape)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _resolve(tensor, digits, rows, depth, bits, out) -> None:
+    """Forward recursion over digit axes: at depth j split into 'digit j agrees' and 'digit j is free'."""
+    if depth == digits.shape[1]:
+        out[:, bits] = tensor
+        return
+    _resolve(tensor[rows, digits[:, depth]], digits, rows, depth + 1, bits | (1 << depth), out)
+    _resolve(torch.logsumexp(tensor, 1), digits, rows, depth + 1, bits, out)
+
+
+def _resolve_backward(tensor, digits, rows, depth, bits, grad_out, free=None) -> torch.Tensor:
+    """Gradient of the leaves below ``tensor`` w.r.t. ``tensor`` (computed in place of ``tensor``, which must
+    be owned): the select branch scatters its gradient back into the target's slice, the log-sum-exp branch
+    spreads it with the softmax along the axis."""
+    if depth == digits.shape[1]:
+        return grad_out[:, bits]
+    if free is None:
+        free = torch.logsumexp(tensor, 1)
+    # lse := 0 on all -inf slices (padding, filtered tokens), where exp(x - lse) would be NaN. Taken before
+    # the recursion below, which overwrites ``free`` with its gradient.
+    shift = _finite_or_zero(free).unsqueeze(1)
+    grad_free = _resolve_backward(free, digits, rows, depth + 1, bits, grad_out)
+    grad_agree = _resolve_backward(
+        tensor[rows, digits[:, depth]], digits, rows, depth + 1, bits | (1 << depth), grad_out
+    )
+    grad = tensor.sub_(shift).exp_().mul_(grad_free.unsqueeze(1))
+    grad[rows, digits[:, depth]] += grad_agree
+    return grad
+
+
+class _SupersetLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, codec):
+        grid = _padded_grid(logits, codec)
+        digits = codec.digit_table(logits.device)[targets]
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        out = grid.new_empty(logits.shape[0], 1 << codec.num_sub_tokens)
+        free = torch.logsumexp(grid, 1)  # the only full-size reduction; kept for the backward
+        _resolve(grid[rows, digits[:, 0]], digits, rows, 1, 1, out)
+        _resolve(free, digits, rows, 1, 0, out)
+        ctx.codec = codec
+        ctx.save_for_backward(logits, targets, free)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, free = ctx.saved_tensors
+        codec = ctx.codec
+        # Recomputed rather than kept (it is as large as the logits), and overwritten by the gradient.
+        grid = _padded_grid(logits, codec, copy=True)
+        digits = codec.digit_table(logits.device)[targets]
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        grad = _resolve_backward(grid, digits, rows, 0, 0, grad_out.float(), free.clone())
+        return grad.view(logits.shape[0], -1)[:, : codec.vocab_size].to(logits.dtype), None, None
+
+
+def superset_logsumexp(logits: torch.Tensor, targets: torch.Tensor, codec: SubTokenCodec) -> torch.Tensor:
+    """``F[n, A] = log Σ_{x : digits A of x equal those of targets[n]} exp(logits[n, x])`` for every digit set A.
+
+    Args:
+        logits: ``(N, C)`` scores over the real tokens (any float dtype; computed in float32).
+        targets: ``(N,)`` token ids.
+    Returns:
+        ``(N, 2^ℓ)`` float32, differentiable; column A is the bitmask of A (bit j <-> digit j, the most
+        significant digit is bit 0). Column ``2^ℓ - 1`` is the target's own logit, column 0 the whole row's
+        log-sum-exp.
+
+    The logits are viewed as a grid with one axis per digit (padded with -inf, see :func:`_padded_grid`) and
+    the axes are resolved one at a time: each partial result splits into "digit j agrees" (select the
+    target's slice) and "digit j is free" (log-sum-exp over the axis). Both halves are b times smaller than
+    their parent, so all 2^ℓ sums cost about one pass over the logits (for b >= 4); each is a stable
+    log-sum-exp with its own maximum (a set can lie far below the row's maximum). Only the logits and one
+    ``(N, C / b)`` tensor are kept for the backward.
+    """
+    vocab = codec.vocab_size
+    if logits.dim() != 2 or logits.shape[1] != vocab or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"expected logits (N, {vocab}) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}."
+        )
+    return _SupersetLogSumExp.apply(logits, targets, codec)
+
+
+def digit_set_log_probs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    revealed: torch.Tensor,
+    query_sets: torch.Tensor,
+    codec: SubTokenCodec,
+    carry_over: bool = True,
+) -> torch.Tensor:
+    """``log p̄_θ(y^U = y0^U | y_t)`` for K digit sets U per row.
+
+    Args:
+        logits: ``(N, C)`` unnormalised scores over the real tokens (any float dtype).
+        targets: ``(N,)`` clean token ids x0.
+        revealed: ``(N, ℓ)`` bool, the digits of x0 visible in y_t.
+        query_sets: ``(N, K)`` long bitmasks of digit positions U (bit j <-> digit j).
+        carry_over: normalise over V(y_t) (the consistency filter) instead of all C tokens.
+    Returns:
+        ``(N, K)`` float32 log-probabilities (0 for an empty U).
+    """
+    sums = superset_logsumexp(logits, targets, codec)
+    base = codec.digits_to_bits(revealed) if carry_over else torch.zeros_like(targets)
+    return sums.gather(1, base.unsqueeze(1) | query_sets) - sums.gather(1, base.unsqueeze(1))
+
+
+def diffusion_terms(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    codec: SubTokenCodec,
+    carry_over: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token integrands of the two continuous-time objectives.
+
+    Args:
+        logits: ``(N, C)``; targets: ``(N,)``; masked: ``(N, ℓ)`` bool, the masked digits of y_t.
+    Returns:
+        ``(valid, prime)``, each ``(N,)`` float32 in nats:
+        ``valid = Σ_{j masked} -log p̄(y^j = y0^j | y_t)`` (valid-bound integrand, method.md §3.4) and
+        ``prime = -log p̄(y^M = y0^M | y_t)`` (paper objective integrand). Both are 0 for a fully
+        revealed token and equal for ℓ = 1.
+    """
+    if codec.num_sub_tokens == 1:
+        # One digit: a masked token's terms are both the cross-entropy; a revealed one is carried over.
+        nll = F.cross_entropy(logits.float(), targets, reduction="none") * masked[:, 0]
+        return nll, nll
+    singles = masked.long() << torch.arange(codec.num_sub_tokens, device=masked.device)  # (N, ℓ)
+    queries = torch.cat([singles, codec.digits_to_bits(masked).unsqueeze(1)], dim=1)  # (N, ℓ + 1)
+    log_probs = digit_set_log_probs(logits, targets, ~masked, queries, codec, carry_over)
+    return -log_probs[:, :-1].sum(1), -log_probs[:, -1]
+
+
+def discrete_step_terms(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    reveal: torch.Tensor,
+    codec: SubTokenCodec,
+    carry_over: bool = True,
+) -> torch.Tensor:
+    """Discrete-time bound term of one reverse step: ``-log p̄(y^U = y0^U | y_t)`` per token, ``(N,)``,
+    where U (``reveal``, ``(N, ℓ)`` bool, a subset of ``masked``) are the digits revealed jointly by the step.
+    """
+    if (reveal & ~masked).any():
+        raise ValueError("reveal must be a subset of the masked digits.")
+    log_probs = digit_set_log_probs(
+        logits, targets, ~masked, codec.digits_to_bits(reveal).unsqueeze(1), codec, carry_over
+    )
+    return -log_probs[:, 0]
+
+
+__all__ = [
+    "diffusion_terms",
+    "digit_set_log_probs",
+    "discrete_step_terms",
+    "sample_mask_counts",
+    "sample_masks",
+    "superset_logsumexp",
+]

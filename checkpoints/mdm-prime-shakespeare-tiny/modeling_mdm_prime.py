@@ -1,0 +1,606 @@
+"""MDM-Prime / MD4 masked diffusion language model for transformers.
+
+The backbone is a bidirectional pre-LayerNorm transformer with rotary position embeddings, attention through
+``torch.nn.functional.scaled_dot_product_attention`` and optional adaLN time conditioning. Its parameter
+layout follows MDLM's DiT (``blocks`` ~ ``layers``, ``attn_qkv``, ``attn_out``, ``mlp``, ``adaLN_modulation``,
+``norm_final``) so that MDLM / MDM-Prime checkpoints can be converted by renaming keys (a time-independent
+DiT's constant adaLN modulation folds into the LayerNorm affine and the output projections).
+
+Input: ℓ sub-tokens per position, embedded with one shared (b+1)-row table of width D/ℓ and concatenated
+(method.md §3.3), so the transformer runs over L positions whatever ℓ is. Output: logits over the C real
+tokens, restricted by the consistency filter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput, logging
+
+from .codec_mdm_prime import SubTokenCodec
+from .configuration_mdm_prime import MDMPrimeConfig
+from .generation_mdm_prime import MDMPrimeGenerationConfig, MDMPrimeGenerationMixin
+from .losses_mdm_prime import diffusion_terms, discrete_step_terms, sample_mask_counts, sample_masks
+
+# transformers 4.57 copies only the modeling file's direct relative imports into a checkpoint.
+from .sampling_mdm_prime import time_grid  # noqa: F401
+from .schedules_mdm_prime import NoiseSchedule, get_noise_schedule, sample_times
+
+logger = logging.get_logger(__name__)
+
+# Training a time-conditioned network samples t in [TRAIN_TIME_MIN, 1] (MDLM's sampling_eps): the weight w(t) ~ 1/t
+# has an infinite second moment at t -> 0. Time-independent networks use the exact count estimator instead.
+TRAIN_TIME_MIN = 1e-3
+
+
+@dataclass
+class MDMPrimeDiffusionOutput(ModelOutput):
+    """Output of :meth:`MDMPrimeForMaskedDiffusion.forward` on clean tokens.
+
+    Args:
+        loss: the configured training objective in nats per token (scalar, differentiable).
+        elbo: the valid NELBO estimate in nats per token (detached), a one-sample estimate; report likelihoods
+            with :meth:`MDMPrimeForMaskedDiffusion.nll_bound`.
+        prime_objective: the MDM-Prime paper objective in nats per token (detached). *Not* a bound on
+            the NLL: never report exp(prime_objective) as a perplexity.
+        timesteps: ``(B,)`` the diffusion times, or None when the masks were drawn by count (time-independent
+            networks).
+        num_tokens: number of tokens the per-token averages are taken over.
+    """
+
+    loss: torch.FloatTensor | None = None
+    elbo: torch.FloatTensor | None = None
+    prime_objective: torch.FloatTensor | None = None
+    timesteps: torch.FloatTensor | None = None
+    num_tokens: torch.LongTensor | None = None
+
+
+@dataclass
+class MDMPrimeNLLOutput(ModelOutput):
+    """Output of :meth:`MDMPrimeForMaskedDiffusion.nll_bound`, per sequence, in nats.
+
+    Args:
+        nll: ``(B,)`` Monte-Carlo estimate of the valid NELBO, an upper bound on -log p(x).
+        nll_stderr: ``(B,)`` its standard error over the time samples.
+        num_tokens: ``(B,)`` tokens scored per sequence; perplexity = exp(Σ nll / Σ num_tokens).
+        paper_objective: ``(B,)`` the MDM-Prime paper objective (continuous time only). Not a bound.
+        paper_objective_stderr: ``(B,)`` its standard error.
+    """
+
+    nll: torch.FloatTensor | None = None
+    nll_stderr: torch.FloatTensor | None = None
+    num_tokens: torch.LongTensor | None = None
+    paper_objective: torch.FloatTensor | None = None
+    paper_objective_stderr: torch.FloatTensor | None = None
+
+
+def rotary_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, head_dim)`` cos and sin of RoPE angles ``pos · θ^(-2i/head_dim)`` (halves repeated)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``(B, H, L, head_dim)`` queries or keys: ``x cos + rotate_half(x) sin`` (GPT-NeoX layout)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class MDMPrimeTimestepEmbedding(nn.Module):
+    """Noise level ``1 - α_t ∈ [0, 1]`` ``(B,)`` -> conditioning vector ``(B, time_embedding_size)`` (DiT)."""
+
+    def __init__(self, config: MDMPrimeConfig, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, config.time_embedding_size),
+            nn.SiLU(),
+            nn.Linear(config.time_embedding_size, config.time_embedding_size),
+        )
+
+    def forward(self, noise_level: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=noise_level.device) / half)
+        args = 1000.0 * noise_level.float().unsqueeze(-1) * freqs
+        features = torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype)
+        return F.silu(self.mlp(features))
+
+
+class MDMPrimeAttention(nn.Module):
+    def __init__(self, config: MDMPrimeConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.attention_dropout
+        self.attn_qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.attn_out = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask):
+        batch, length, width = x.shape
+        q, k, v = self.attn_qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.attn_out(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class MDMPrimeMLP(nn.Module):
+    def __init__(self, config: MDMPrimeConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+
+
+class MDMPrimeBlock(GradientCheckpointingLayer):
+    """Pre-LN transformer block; with time conditioning, adaLN-Zero modulation as in DiT / MDLM."""
+
+    def __init__(self, config: MDMPrimeConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = MDMPrimeAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MDMPrimeMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.adaLN_modulation = (
+            nn.Linear(config.time_embedding_size, 6 * config.hidden_size) if config.time_conditioning else None
+        )
+
+    def forward(self, hidden, cos, sin, attn_mask=None, cond=None):
+        if self.adaLN_modulation is None:
+            hidden = hidden + self.dropout(self.attn(self.norm1(hidden), cos, sin, attn_mask))
+            return hidden + self.dropout(self.mlp(self.norm2(hidden)))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(cond).unsqueeze(1).chunk(6, dim=-1)
+        x = self.norm1(hidden) * (1 + scale1) + shift1
+        hidden = hidden + gate1 * self.dropout(self.attn(x, cos, sin, attn_mask))
+        x = self.norm2(hidden) * (1 + scale2) + shift2
+        return hidden + gate2 * self.dropout(self.mlp(x))
+
+
+class MDMPrimeFinalNorm(nn.Module):
+    def __init__(self, config: MDMPrimeConfig):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.adaLN_modulation = (
+            nn.Linear(config.time_embedding_size, 2 * config.hidden_size) if config.time_conditioning else None
+        )
+
+    def forward(self, hidden, cond=None):
+        hidden = self.norm_final(hidden)
+        if self.adaLN_modulation is None:
+            return hidden
+        shift, scale = self.adaLN_modulation(cond).unsqueeze(1).chunk(2, dim=-1)
+        return hidden * (1 + scale) + shift
+
+
+class MDMPrimePreTrainedModel(PreTrainedModel):
+    config_class = MDMPrimeConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MDMPrimeBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        # adaLN-Zero: every block starts as the identity map whatever t is (children are visited first).
+        if isinstance(module, (MDMPrimeBlock, MDMPrimeFinalNorm)) and module.adaLN_modulation is not None:
+            nn.init.zeros_(module.adaLN_modulation.weight)
+            nn.init.zeros_(module.adaLN_modulation.bias)
+
+
+class MDMPrimeModel(MDMPrimePreTrainedModel):
+    """The backbone: partially masked sub-tokens ``(B, L, ℓ)`` -> hidden states ``(B, L, D)``."""
+
+    def __init__(self, config: MDMPrimeConfig):
+        super().__init__(config)
+        self.codec = SubTokenCodec(config.vocab_size, config.num_sub_tokens)
+        # One table shared by every digit position; row b is the mask sub-token.
+        self.embed_sub_tokens = nn.Embedding(self.codec.base + 1, config.hidden_size // config.num_sub_tokens)
+        self.time_embed = MDMPrimeTimestepEmbedding(config) if config.time_conditioning else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList([MDMPrimeBlock(config) for _ in range(config.num_hidden_layers)])
+        self.norm = MDMPrimeFinalNorm(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_sub_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_sub_tokens = value
+
+    def forward(
+        self,
+        sub_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        noise_level: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutput | tuple:
+        """
+        Args:
+            sub_ids: ``(B, L, ℓ)`` digits in ``[0, b)`` or the mask id ``b``.
+            attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding. Real tokens never attend to padding.
+            noise_level: ``(B,)`` masking probability ``1 - α_t``; required with ``time_conditioning``.
+        Returns:
+            ``BaseModelOutput`` with ``last_hidden_state`` ``(B, L, D)``.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self.codec.check_sub_ids(sub_ids)
+        if sub_ids.dim() != 3:
+            raise ValueError(
+                f"sub_ids must have shape (batch, length, {self.codec.num_sub_tokens}), got {tuple(sub_ids.shape)}."
+            )
+        batch, length, _ = sub_ids.shape
+        if length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {length} exceeds max_position_embeddings={self.config.max_position_embeddings}."
+            )
+        cond = None
+        if self.time_embed is not None:
+            if noise_level is None:
+                raise ValueError("this model is time conditioned: pass noise_level (1 - alpha_t) of shape (batch,).")
+            cond = self.time_embed(noise_level.expand(batch))
+
+        hidden = self.dropout(self.embed_sub_tokens(sub_ids).flatten(2))
+        cos, sin = rotary_cos_sin(
+            length,
+            hidden.shape[-1] // self.config.num_attention_heads,
+            self.config.rope_theta,
+            hidden.device,
+            hidden.dtype,
+        )
+        attn_mask = key_padding_mask(attention_mask, (batch, length))
+        all_hidden = (hidden,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, attn_mask, cond)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        hidden = self.norm(hidden, cond)
+        if not return_dict:
+            return tuple(v for v in (hidden, all_hidden) if v is not None)
+        return BaseModelOutput(last_hidden_state=hidden, hidden_states=all_hidden)
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    """``(B, L)`` 0/1 mask -> ``(B, 1, 1, L)`` bool SDPA mask (True = may attend), or None if nothing is padded.
+
+    A row with no real token attends everywhere (its outputs are ignored) instead of producing NaNs.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != shape:
+        raise ValueError(f"attention_mask must have shape {shape} like the input, got {tuple(attention_mask.shape)}.")
+    keep = attention_mask.bool()
+    if bool(keep.all()):
+        return None
+    keep = keep | ~keep.any(dim=-1, keepdim=True)
+    return keep[:, None, None, :]
+
+
+class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixin):
+    """MDM-Prime (ℓ > 1) or MD4 / MDLM (ℓ = 1) masked diffusion language model.
+
+    * ``forward(input_ids)`` on clean tokens draws t and the masks and returns the training objective,
+      so the transformers ``Trainer`` and plain accelerate loops train it unchanged.
+    * :meth:`denoise` maps partially masked sub-tokens to filtered log-probabilities over the C tokens.
+    * :meth:`nll_bound` estimates the valid NELBO (an upper bound on the NLL) with a standard error.
+    * :meth:`generate` samples by iterative sub-token unmasking (``MDMPrimeGenerationMixin``).
+    """
+
+    def __init__(self, config: MDMPrimeConfig):
+        super().__init__(config)
+        self.model = MDMPrimeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        # transformers 4.57 gives every model a plain GenerationConfig; 5.x uses generation_config_class.
+        self.generation_config = MDMPrimeGenerationConfig.from_model_config(config)
+        self.post_init()
+
+    @property
+    def codec(self) -> SubTokenCodec:
+        return self.model.codec
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        """The training schedule (with ``noise_eps``)."""
+        c = self.config
+        return get_noise_schedule(
+            c.noise_schedule, c.noise_eps, c.polynomial_exponent, c.geometric_beta_min, c.geometric_beta_max
+        )
+
+    def get_input_embeddings(self):
+        return self.model.embed_sub_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        raise NotImplementedError(
+            "the sub-token embedding has b + 1 rows fixed by vocab_size and num_sub_tokens; changing the "
+            "vocabulary changes the digit code of every token, so build a new model with the new vocab_size."
+        )
+
+    def _prepare_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate ``(B, L)`` ids; return ids with padding replaced by 0 and the bool real-token mask."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}.")
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if real.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(real.shape)} does not match input_ids shape {tuple(input_ids.shape)}."
+            )
+        ids = torch.where(real, input_ids, torch.zeros_like(input_ids))
+        self.codec.check_ids(ids, "input_ids")
+        return ids, real
+
+    def _noise_level(self, alpha: torch.Tensor | None) -> torch.Tensor | None:
+        return (1.0 - alpha) if self.config.time_conditioning and alpha is not None else None
+
+    def _logits_at(
+        self,
+        sub_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        noise_level: torch.Tensor | None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Unfiltered logits ``(N, C)`` at the positions selected by ``rows`` ``(B, L)`` bool (all if None).
+
+        The output layer is the largest matrix product at C = 50,257; fully revealed tokens need no
+        prediction, so it runs only on the selected rows.
+        """
+        hidden = self.model(sub_ids, attention_mask=attention_mask, noise_level=noise_level).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]) if rows is None else hidden[rows]
+        return self.lm_head(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        return_dict: bool | None = None,
+    ) -> MDMPrimeDiffusionOutput | tuple:
+        """Training objective on clean tokens, in nats per scored token.
+
+        Per sequence, a Monte-Carlo term ``weight · Σ_tokens (per-token term)``, where the per-token term is the
+        valid bound's ``Σ_{j masked} -log p̄(y0^j | y_t)`` or the paper's ``-log p_θ(x0 | y_t)``:
+
+        * time-independent network (the default): k ~ U{1..N} of the sequence's N sub-tokens are masked, chosen
+          uniformly, weight N/k (:func:`sample_mask_counts`): the continuous-time NELBO integrated over t in
+          closed form, unbiased and with bounded weights;
+        * time-conditioned network (or explicit ``timesteps``): t in [1e-3, 1] (low-discrepancy over the
+          batch), each sub-token masked with probability 1 - α_t, weight w(t) = -α'/(1 - α).
+
+        Args:
+            input_ids: ``(B, L)`` clean token ids.
+            attention_mask: ``(B, L)``; padding is never masked, scored or attended to.
+            labels: optional ``(B, L)``; positions equal to -100 are kept clean and not scored (e.g. a
+                prompt), others are the targets. Defaults to ``input_ids``.
+            timesteps: optional ``(B,)`` times in (0, 1]: mask with probability 1 - α_t at these times.
+            generator: optional torch.Generator for the noise.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        ids, scored = self._prepare_tokens(input_ids, attention_mask)
+        if labels is not None:
+            if labels.shape != ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids {tuple(ids.shape)}.")
+            keep = labels == -100
+            ids = torch.where(keep | ~scored, ids, labels)
+            self.codec.check_ids(ids, "labels")
+            scored = scored & ~keep
+        batch = ids.shape[0]
+        clean = self.codec.encode(ids)
+        if timesteps is not None:
+            t = timesteps.to(device=ids.device, dtype=torch.float32).expand(batch)
+            if bool(((t <= 0) | (t > 1)).any()):
+                raise ValueError("timesteps must lie in (0, 1].")
+        elif self.config.time_conditioning:
+            t = TRAIN_TIME_MIN + (1 - TRAIN_TIME_MIN) * sample_times(batch, generator=generator, device=ids.device)
+        else:
+            t = None
+        if t is None:
+            strata = 1.0 - sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64)
+            masked, seq_weight = sample_mask_counts(scored, self.codec.num_sub_tokens, strata, generator)
+            alpha = None
+        else:
+            schedule = self.noise_schedule
+            alpha = schedule.alpha(t)
+            masked = sample_masks(clean.shape, alpha, scored, generator)
+            seq_weight = schedule.weight(t)
+        rows = masked.any(-1)
+        logits = self._logits_at(
+            clean.masked_fill(masked, self.codec.mask_id), attention_mask, self._noise_level(alpha), rows
+        )
+        valid, prime = diffusion_terms(logits, ids[rows], masked[rows], self.codec, self.config.carry_over)
+        weight = seq_weight.unsqueeze(1).expand_as(rows)[rows]
+        num_tokens = scored.sum()
+        denom = num_tokens.clamp(min=1)
+        elbo = (weight * valid).sum() / denom
+        prime_objective = (weight * prime).sum() / denom
+        loss = elbo if self.config.loss_type == "elbo" else prime_objective
+        output = MDMPrimeDiffusionOutput(
+            loss=loss,
+            elbo=elbo.detach(),
+            prime_objective=prime_objective.detach(),
+            timesteps=t,
+            num_tokens=num_tokens,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        sub_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        noise_level: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Filtered log-probabilities ``log p_θ(x | y_t)`` over the C tokens, ``(B, L, C)`` float32.
+
+        Args:
+            sub_ids: ``(B, L, ℓ)`` partially masked digits (mask id = ``codec.mask_id``).
+            attention_mask: ``(B, L)``.
+            noise_level: ``(B,)`` or scalar ``1 - α_t``, needed only by time-conditioned models.
+            positions: optional ``(B, L)`` bool; return only these positions' rows, ``(N, C)`` in row-major
+                order (the output layer then runs on those rows only).
+
+        With ``carry_over`` every token inconsistent with the revealed digits gets -inf (a fully revealed
+        token is carried over: probability 1 on itself). Revealed digits that match no token id below C
+        raise a ValueError.
+        """
+        if sub_ids.dim() != 3:
+            raise ValueError(
+                f"sub_ids must have shape (batch, length, {self.codec.num_sub_tokens}), got {tuple(sub_ids.shape)}."
+            )
+        if noise_level is not None:
+            noise_level = torch.as_tensor(noise_level, dtype=torch.float32, device=sub_ids.device).expand(
+                sub_ids.shape[0]
+            )
+        if positions is None:
+            logits = self._logits_at(sub_ids, attention_mask, noise_level).view(*sub_ids.shape[:2], -1).float()
+            selected = sub_ids
+        else:
+            logits = self._logits_at(sub_ids, attention_mask, noise_level, positions).float()
+            selected = sub_ids[positions]
+        if self.config.carry_over:
+            allowed = self.codec.consistency_mask(selected)
+            if attention_mask is not None:  # padded slots may hold anything; they are ignored
+                real = attention_mask.bool() if positions is None else attention_mask.bool()[positions]
+                allowed |= ~real.unsqueeze(-1)
+            if not bool(allowed.any(-1).all()):
+                bad = (~allowed.any(-1)).nonzero()[0].tolist()
+                raise ValueError(
+                    f"sub_ids at index {tuple(bad)} reveal digits that match no token id below "
+                    f"vocab_size={self.config.vocab_size}."
+                )
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return logits.log_softmax(-1)
+
+    @torch.no_grad()
+    def nll_bound(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        num_samples: int = 16,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MDMPrimeNLLOutput:
+        """Monte-Carlo estimate of the valid NELBO, an upper bound on ``-log p_θ(x)``, in nats per sequence.
+
+        Continuous time (``num_steps=None``, method.md §3.4):
+            ``L = E_t[ w(t) Σ_i Σ_{j masked} -log p̄(y0^{i,j} | y_t) ]``
+        Discrete time with T steps (t_i = i/T): ``L_T = T · E_{i, y_t, U}[ Σ_i -log p̄(y0^U | y_t) ]`` where U is
+        the set of masked digits the step t_i -> t_{i-1} reveals (each with probability (α_s - α_t)/(1 - α_t)).
+
+        Both use the endpoint-exact schedule (α(0) = 1, α(1) = 0), so nothing is dropped. In continuous time a
+        time-independent network is scored with the count estimator (:func:`sample_mask_counts`: t integrated
+        out exactly, bounded weights); a time-conditioned one with t in (0, 1]. Each sequence gets
+        ``num_samples`` stratified draws; ``nll_stderr`` is their standard deviation over sqrt(K), which
+        stratification makes conservative. In continuous time the paper objective is estimated from the same
+        samples and returned as ``paper_objective`` (not a bound).
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer or None, got {num_steps}.")
+        ids, scored = self._prepare_tokens(input_ids, attention_mask)
+        batch, device = ids.shape[0], ids.device
+        schedule = self.noise_schedule.exact()
+        clean = self.codec.encode(ids)
+        u = torch.rand(batch, 1, generator=generator, device=device, dtype=torch.float64)
+        strata = torch.remainder(u + torch.arange(num_samples, device=device) / num_samples, 1.0)  # (B, K)
+        valid_samples = torch.zeros(batch, num_samples, dtype=torch.float64, device=device)
+        prime_samples = torch.zeros_like(valid_samples)
+        by_count = num_steps is None and not self.config.time_conditioning
+        for k in range(num_samples):
+            if by_count:
+                masked, seq_weight = sample_mask_counts(scored, self.codec.num_sub_tokens, strata[:, k], generator)
+                alpha = None
+            elif num_steps is None:
+                t = (1.0 - strata[:, k]).float()
+                alpha = schedule.alpha(t)
+                masked, seq_weight = sample_masks(clean.shape, alpha, scored, generator), schedule.weight(t)
+            else:
+                step = torch.floor(strata[:, k] * num_steps) + 1  # uniform on {1..T}
+                t, s = (step / num_steps).float(), ((step - 1) / num_steps).float()
+                alpha = schedule.alpha(t)
+                masked = sample_masks(clean.shape, alpha, scored, generator)
+            rows = masked.any(-1)
+            logits = self._logits_at(
+                clean.masked_fill(masked, self.codec.mask_id), attention_mask, self._noise_level(alpha), rows
+            )
+            row_batch = torch.arange(batch, device=device).unsqueeze(1).expand_as(rows)[rows]
+            if num_steps is None:
+                valid, prime = diffusion_terms(logits, ids[rows], masked[rows], self.codec, self.config.carry_over)
+                weight = seq_weight.double()
+                valid_samples[:, k].index_add_(0, row_batch, valid.double())
+                prime_samples[:, k].index_add_(0, row_batch, prime.double())
+                valid_samples[:, k] *= weight
+                prime_samples[:, k] *= weight
+            else:
+                reveal_p = schedule.reveal_probability(t, s).double().view(-1, 1, 1)
+                reveal = masked & (
+                    torch.rand(masked.shape, generator=generator, device=device, dtype=torch.float64) < reveal_p
+                )
+                terms = discrete_step_terms(
+                    logits, ids[rows], masked[rows], reveal[rows], self.codec, self.config.carry_over
+                )
+                valid_samples[:, k].index_add_(0, row_batch, terms.double() * num_steps)
+
+        def mean_and_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            stderr = (
+                samples.std(1) / math.sqrt(num_samples)
+                if num_samples > 1
+                else torch.full_like(samples[:, 0], float("nan"))
+            )
+            return samples.mean(1), stderr
+
+        nll, nll_stderr = mean_and_stderr(valid_samples)
+        prime, prime_stderr = mean_and_stderr(prime_samples) if num_steps is None else (None, None)
+        return MDMPrimeNLLOutput(
+            nll=nll,
+            nll_stderr=nll_stderr,
+            num_tokens=scored.sum(1),
+            paper_objective=prime,
+            paper_objective_stderr=prime_stderr,
+        )
+
+
+# save_pretrained copies this file and every file it imports next to the weights (trust_remote_code); the
+# config's auto_map (set in MDMPrimeConfig) also names AutoConfig and AutoModelForMaskedLM.
+MDMPrimeForMaskedDiffusion.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "MDMPrimeDiffusionOutput",
+    "MDMPrimeForMaskedDiffusion",
+    "MDMPrimeModel",
+    "MDMPrimeNLLOutput",
+    "MDMPrimePreTrainedModel",
+]

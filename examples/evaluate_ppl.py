@@ -1,0 +1,230 @@
+"""Valid-bound (NELBO) perplexity of an MDM-Prime / MD4 checkpoint on one or more corpora.
+
+Each corpus is packed as MDLM does (BOS doc EOS BOS doc EOS ... cut into blocks of ``seq_len``) and every block
+gets K Monte-Carlo time samples of the valid bound (``model.nll_bound``), in continuous time or for a T-step
+sampler. The result is an upper bound on the model's perplexity, reported with its standard error; the MDM-Prime
+paper objective is printed beside it, labelled, because it is not a bound (method.md §3.4).
+
+    # the held-out plays that examples/pretrain.py did not train on
+    python examples/evaluate_ppl.py --model outputs/pretrain/final
+    # a zero-shot suite over several corpora in one command (offline: Shakespeare + the Python reference)
+    python examples/evaluate_ppl.py --model outputs/pretrain/final --suite examples/eval_suites/offline.yaml
+    # MDLM's zero-shot suite from the Hub, two processes, the bound of a 1000-step sampler
+    accelerate launch --num_processes 2 examples/evaluate_ppl.py --model user/repo \
+        --suite examples/eval_suites/mdlm_zero_shot.yaml --num_steps 1000
+
+Batches are seeded by their index, so the numbers do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator, PartialState
+from accelerate.logging import get_logger
+from datasets import load_dataset
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer, HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain import BUNDLED_CORPUS, PretrainConfig, load_corpus, tokenize_blocks  # noqa: E402
+
+logger = get_logger("evaluate_ppl")
+
+
+@dataclass
+class Corpus:
+    """One evaluation corpus: local files (json/jsonl/txt, optionally .xz/.gz) or a ``load_dataset`` name."""
+
+    name: str
+    path: str
+    config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    # Score the documents examples/pretrain.py held out of this corpus (same fraction and seed), not all of it.
+    pretrain_holdout: bool = False
+    validation_documents: float = 0.05
+    holdout_seed: int = 0
+    max_documents: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    model: str = "outputs/pretrain/final"
+    suite: str | None = None  # YAML/JSON list of corpora (see examples/eval_suites/); overrides --corpus
+    corpus: list[str] = field(default_factory=list)  # name=path entries; default: the bundled held-out plays
+    seq_len: int | None = None  # default: the model's max_position_embeddings
+    num_time_samples: int = 16
+    num_steps: int | None = None  # None: continuous-time bound; T: the bound of a T-step sampler
+    batch_size: int = 8
+    max_blocks: int | None = None  # score at most this many blocks per corpus
+    seed: int = 0
+    output: str | None = None  # results JSON (default: <model>/eval_results.json if --write_results)
+    write_results: bool = False  # also write <model>/eval_results.json (read by the model card)
+    cpu: bool = False
+
+
+def load_suite(cfg: EvalConfig) -> list[Corpus]:
+    if cfg.suite:
+        text = Path(cfg.suite).read_text()
+        entries = yaml.safe_load(text) if cfg.suite.endswith((".yaml", ".yml")) else json.loads(text)
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{cfg.suite} must hold a non-empty list of corpora, each with a name and a path.")
+        root = Path(cfg.suite).resolve().parent
+        corpora = [Corpus(**entry) for entry in entries]
+        for corpus in corpora:  # relative local paths are relative to the suite file
+            if not Path(corpus.path).exists() and (root / corpus.path).exists():
+                corpus.path = str(root / corpus.path)
+        return corpora
+    if not cfg.corpus:
+        return [Corpus("shakespeare (held-out plays)", str(BUNDLED_CORPUS), pretrain_holdout=True)]
+    corpora = []
+    for entry in cfg.corpus:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--corpus takes name=path (a file or a load_dataset name), got {entry!r}.")
+        corpora.append(Corpus(name, path))
+    return corpora
+
+
+def load_documents(corpus: Corpus):
+    """The corpus as a dataset with one ``text`` column."""
+    if corpus.pretrain_holdout:
+        settings = PretrainConfig(
+            dataset=corpus.path,
+            text_column=corpus.text_column,
+            validation_documents=corpus.validation_documents,
+            seed=corpus.holdout_seed,
+            max_documents=corpus.max_documents,
+        )
+        return load_corpus(settings)[1]
+    files = corpus.path.split(",")
+    if all(Path(f).exists() for f in files):
+        suffixes = {s for f in files for s in Path(f).suffixes}
+        builder = "json" if suffixes & {".json", ".jsonl"} else "text"
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        data = load_dataset(builder, data_files=files, split="train", **kwargs)
+    else:
+        data = load_dataset(corpus.path, corpus.config, split=corpus.split)
+    if corpus.text_column not in data.column_names:
+        raise ValueError(f"{corpus.name}: no column {corpus.text_column!r}; columns are {data.column_names}.")
+    data = data.rename_column(corpus.text_column, "text") if corpus.text_column != "text" else data
+    data = data.select_columns(["text"])
+    return data.select(range(min(corpus.max_documents, len(data)))) if corpus.max_documents else data
+
+
+@torch.no_grad()
+def score_blocks(accelerator: Accelerator, model, blocks: torch.Tensor, cfg: EvalConfig) -> dict:
+    """Σ NELBO, Σ variance of the per-block estimates, Σ paper objective and Σ tokens over ``blocks (N, L)``."""
+    batches = list(range(0, len(blocks), cfg.batch_size))
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    with accelerator.split_between_processes(batches) as mine:
+        for start in tqdm(mine, desc="scoring", leave=False, disable=not accelerator.is_main_process):
+            rows = blocks[start : start + cfg.batch_size].to(accelerator.device)
+            out = model.nll_bound(
+                rows,
+                num_samples=cfg.num_time_samples,
+                num_steps=cfg.num_steps,
+                generator=torch.Generator(accelerator.device).manual_seed(cfg.seed + start),
+            )
+            paper = out.paper_objective.sum() if out.paper_objective is not None else torch.tensor(float("nan"))
+            totals += torch.stack(
+                [out.nll.sum(), (out.nll_stderr**2).sum(), paper.double(), out.num_tokens.sum().double()]
+            ).to(totals)
+    nll, var, paper, tokens = accelerator.reduce(totals, "sum").tolist()
+    return {"nll": nll, "var": var, "paper": paper, "tokens": tokens}
+
+
+def evaluate_corpus(accelerator, model, tokenizer, corpus: Corpus, cfg: EvalConfig) -> dict:
+    seq_len = cfg.seq_len or model.config.max_position_embeddings
+    with accelerator.main_process_first():  # one process builds the datasets cache, the others read it
+        documents = load_documents(corpus)
+        packed = tokenize_blocks(documents, tokenizer, PretrainConfig(seq_len=seq_len, packing=True))
+    if len(packed) == 0:
+        raise ValueError(f"{corpus.name}: fewer than seq_len={seq_len} tokens, so no block to score.")
+    blocks = packed[: cfg.max_blocks or len(packed)]["input_ids"]
+    sums = score_blocks(accelerator, model, blocks, cfg)
+    nelbo, stderr = sums["nll"] / sums["tokens"], math.sqrt(sums["var"]) / sums["tokens"]
+    paper = sums["paper"] / sums["tokens"]
+    return {
+        "dataset": corpus.name,
+        "split": "pretrain held-out documents" if corpus.pretrain_holdout else corpus.split,
+        "num_tokens": int(sums["tokens"]),
+        "num_blocks": len(blocks),
+        "seq_len": seq_len,
+        "num_time_samples": cfg.num_time_samples,
+        "num_steps": cfg.num_steps,
+        "nelbo_per_token": nelbo,
+        "nelbo_stderr": stderr,
+        "ppl_bound": math.exp(nelbo),
+        "ppl_bound_95": [math.exp(nelbo - 1.96 * stderr), math.exp(nelbo + 1.96 * stderr)],
+        "paper_objective_per_token": None if math.isnan(paper) else paper,
+        "paper_objective_ppl": None if math.isnan(paper) else math.exp(paper),
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    lines = [
+        "| corpus | tokens | valid-bound ppl (≥ true ppl) | NELBO nats/token ± s.e. "
+        "| paper objective ppl (not a bound) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        paper = f"{r['paper_objective_ppl']:.2f}" if r["paper_objective_ppl"] is not None else "n/a (discrete time)"
+        lines.append(
+            f"| {r['dataset']} | {r['num_tokens']:,} | {r['ppl_bound']:.2f} | "
+            f"{r['nelbo_per_token']:.4f} ± {r['nelbo_stderr']:.4f} | {paper} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = HfArgumentParser(EvalConfig)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        (cfg,) = (parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file)(argv[0])
+    else:
+        (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    if cfg.num_time_samples < 1:
+        raise ValueError(f"--num_time_samples must be >= 1, got {cfg.num_time_samples}.")
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    PartialState(cpu=cfg.cpu)
+    accelerator = Accelerator(cpu=cfg.cpu)
+    model = AutoModel.from_pretrained(cfg.model, trust_remote_code=True).to(accelerator.device).eval()
+    if not hasattr(model, "nll_bound"):
+        raise ValueError(f"{cfg.model} loads as {type(model).__name__}, which has no nll_bound(); expected MDM-Prime.")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    results = []
+    for corpus in load_suite(cfg):
+        results.append(evaluate_corpus(accelerator, model, tokenizer, corpus, cfg))
+        r = results[-1]
+        logger.info(f"{corpus.name}: valid-bound perplexity <= {r['ppl_bound']:.2f} ({r['num_tokens']:,} tokens)")
+    if accelerator.is_main_process:
+        print(format_table(results))
+        payload = {"model": cfg.model, "config": asdict(cfg), "results": results}
+        targets = [Path(cfg.output)] if cfg.output else []
+        if cfg.write_results:
+            targets.append(Path(cfg.model) / "eval_results.json")
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(target, payload)
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,694 @@
+"""Publish a trained MDM-Prime / MD4 checkpoint to the Hugging Face Hub, with a generated model card.
+
+:func:`publish_checkpoint` uploads a ``save_pretrained`` folder (as written by ``examples/pretrain.py``) in one
+commit: safetensors weights, ``config.json`` with its ``auto_map``, every code file that ``trust_remote_code``
+needs, ``generation_config.json``, the tokenizer, the evaluation file and a ``README.md`` model card rendered
+from ``model_cards/template.md``. :func:`stage_checkpoint` writes the same folder locally instead (a dry run,
+and how the committed reference checkpoint is built); :func:`render_model_card` renders the card alone.
+
+Guarantees:
+
+- The user's checkpoint folder is only read. The card, a tokenizer config that transformers 4.x can load too, the
+  run's training settings and path-free evaluation results are generated in memory (see
+  :func:`checkpoint_contents`); every other file is uploaded from disk as it is.
+- Everything is checked before the first network call: missing files are listed together in one ``ValueError``,
+  and pickle weights (``.bin``, ``.pt``, ...) are refused.
+- One push is one commit, and a Hub commit is atomic: if the server fails or the connection drops, the repository
+  is left as it was, and running the same command again completes it (LFS files already stored are not sent again).
+- Hub and network failures raise :class:`HubPublishError` with what happened and what to do. Invalid arguments and
+  incomplete checkpoints raise ``ValueError``.
+
+This module is not remote code: ``modeling_mdm_prime.py`` does not import it, so ``save_pretrained`` never copies
+it into a checkpoint, and the code that runs with ``trust_remote_code`` does no network I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .codec_mdm_prime import integer_base
+
+if TYPE_CHECKING:  # huggingface_hub is imported where it is used: importing the package stays light
+    from huggingface_hub import CommitInfo, HfApi, ModelCard
+
+logger = logging.getLogger(__name__)
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CARD_TEMPLATE = REPOSITORY_ROOT / "model_cards" / "template.md"
+
+# Weights that unpickle on load can run arbitrary code: the Hub flags them, and a published model must not need them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModel")
+EVAL_FILE = "eval_results.json"
+TRAINING_CONFIG_FILE = "training_config.json"
+# Files of an earlier push that a new one replaces or removes: a stale shard or code file would break loading.
+STALE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.py")
+# Training settings that describe the run; paths and bookkeeping are left out of a published card.
+PRIVATE_TRAINING_KEYS = ("output_dir", "resume_from_checkpoint", "report_to", "logging_dir", "cpu")
+RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.MULTILINE)
+EVAL_REQUIRED = {"dataset": str, "split": str, "nelbo_per_token": float, "ppl_bound": float}
+EVAL_OPTIONAL = {
+    "num_tokens": int,
+    "num_time_samples": int,
+    "nelbo_stderr": float,
+    "paper_objective_per_token": float,
+    "paper_objective_ppl": float,
+}
+DATA_SUFFIXES = (".xz", ".gz", ".bz2", ".zst", ".jsonl", ".json", ".txt", ".parquet", ".csv", ".tsv", ".arrow")
+BASE_TAGS = ("masked-diffusion", "discrete-diffusion", "diffusion-language-model")
+
+
+class HubPublishError(RuntimeError):
+    """The Hub refused or failed a step of a push (authentication, permissions, server error, network)."""
+
+
+# -- the checkpoint -------------------------------------------------------------------------------------------------
+
+
+def shipped_code_files(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """The code files ``trust_remote_code`` loads from a checkpoint, sorted.
+
+    These are the modules that ``config.json``'s ``auto_map`` names and, transitively, the files they import with
+    ``from .module import ...``: the rule transformers applies when it copies and loads remote code.
+
+    Raises:
+        ValueError: ``config.json`` is missing or has no ``auto_map``.
+    """
+    folder = Path(checkpoint_dir)
+    config = _read_json(folder / "config.json")
+    auto_map = config.get("auto_map") or {}
+    if not auto_map:
+        raise ValueError(f"{folder / 'config.json'} has no auto_map, so trust_remote_code cannot load it.")
+    pending = []
+    for reference in auto_map.values():
+        for item in reference if isinstance(reference, list) else [reference]:
+            if item and "--" not in item:  # "other/repo--module.Class" points at another repository's code
+                pending.append(item.rsplit(".", 1)[0])
+    found: set[str] = set()
+    while pending:
+        module = pending.pop()
+        if module in found:
+            continue
+        found.add(module)
+        path = folder / f"{module}.py"
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            pending.extend(a or b for a, b in RELATIVE_IMPORT.findall(text))
+    return sorted(f"{module}.py" for module in found)
+
+
+def check_checkpoint(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """Check that a folder is a complete, loadable, pickle-free checkpoint, and return the files to publish.
+
+    Required: ``config.json`` with an ``auto_map`` naming at least AutoConfig and AutoModel, every code file it
+    needs (:func:`shipped_code_files`), safetensors weights (``model.safetensors``, or an index and all its
+    shards), ``generation_config.json``, and a tokenizer (``tokenizer_config.json`` plus a vocabulary file).
+    The files to publish are the folder's top-level files, without hidden files and without ``README.md`` (the
+    card is generated). Sub-folders are not published.
+
+    Raises:
+        ValueError: the folder does not exist, something is missing (all missing items are listed), or it holds
+            pickle files.
+    """
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise ValueError(f"Checkpoint folder {folder} does not exist.")
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    pickles = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(
+            f"Refusing to publish pickle files from {folder}: {', '.join(pickles)}. Loading a pickle can run arbitrary "
+            "code. Save the model with save_pretrained (safetensors, the default) into a folder without them. A "
+            "folder of optimizer.bin / random_states_*.pkl is a training state (accelerate save_state), not a model."
+        )
+    missing = []
+    if "config.json" not in files:
+        missing.append("config.json")
+    else:
+        auto_map = _read_json(folder / "config.json").get("auto_map") or {}
+        absent = [name for name in REQUIRED_AUTO_CLASSES if name not in auto_map]
+        if absent:
+            missing.append(f"auto_map entries {absent} in config.json (save the model with save_pretrained)")
+        missing.extend(name for name in shipped_code_files(folder) if name not in files)
+    if "model.safetensors.index.json" in files:
+        shards = set(_read_json(folder / "model.safetensors.index.json").get("weight_map", {}).values())
+        missing.extend(sorted(shard for shard in shards if shard not in files))
+    elif "model.safetensors" not in files:
+        missing.append("model.safetensors (or model.safetensors.index.json and its shards)")
+    if "generation_config.json" not in files:
+        missing.append("generation_config.json")
+    if "tokenizer_config.json" not in files:
+        missing.append("tokenizer_config.json (save the tokenizer with tokenizer.save_pretrained)")
+    if not any(name in files for name in TOKENIZER_VOCAB_FILES):
+        missing.append(f"a tokenizer vocabulary ({' or '.join(TOKENIZER_VOCAB_FILES)})")
+    if missing:
+        hint = ""
+        if (folder / "final" / "config.json").exists():
+            hint = f" Did you mean {folder / 'final'} (where examples/pretrain.py saves the model)?"
+        raise ValueError(f"{folder} is not a complete checkpoint. Missing: {'; '.join(missing)}.{hint}")
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if subfolders:
+        logger.warning("Not publishing the sub-folders of %s: %s", folder, ", ".join(subfolders))
+    return [name for name in files if name != "README.md"]
+
+
+def load_eval_results(checkpoint_dir: str | os.PathLike) -> dict | None:
+    """The checkpoint's ``eval_results.json`` (written by ``examples/evaluate_ppl.py --write_results``), or None.
+
+    Schema: ``{"model": str, "results": [{"dataset", "split", "num_tokens", "num_time_samples", "nelbo_per_token",
+    "nelbo_stderr", "ppl_bound", "paper_objective_per_token", "paper_objective_ppl"}]}``, in nats per token.
+    ``ppl_bound`` must equal ``exp(nelbo_per_token)``: it is the perplexity of the valid bound, never of the paper
+    objective.
+
+    Raises:
+        ValueError: the file is malformed.
+    """
+    path = Path(checkpoint_dir) / EVAL_FILE
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, list) or not results:
+        raise ValueError(f"{path} must hold a non-empty 'results' list.")
+    for i, row in enumerate(results):
+        where = f"{path}: results[{i}]"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is not an object.")
+        for key, kind in {**EVAL_REQUIRED, **EVAL_OPTIONAL}.items():
+            value = row.get(key)
+            if value is None and key in EVAL_OPTIONAL:
+                continue
+            numeric = kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (numeric or isinstance(value, kind)):
+                raise ValueError(f"{where}['{key}'] must be a {kind.__name__}, got {value!r}.")
+        if not math.isclose(math.log(row["ppl_bound"]), row["nelbo_per_token"], rel_tol=1e-4, abs_tol=1e-6):
+            raise ValueError(
+                f"{where}: ppl_bound {row['ppl_bound']} is not exp(nelbo_per_token = {row['nelbo_per_token']}); "
+                "the published perplexity must be the valid bound's."
+            )
+    return data
+
+
+def count_parameters(checkpoint_dir: str | os.PathLike) -> int:
+    """Number of parameters in the safetensors weights, read from the file headers (no tensor is loaded)."""
+    folder = Path(checkpoint_dir)
+    index = folder / "model.safetensors.index.json"
+    shards = sorted(set(_read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    total = 0
+    for shard in shards:
+        with open(folder / shard, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def load_training_config(checkpoint_dir: str | os.PathLike) -> dict | None:
+    """The training settings of the run, for the card, or None.
+
+    Looked up as ``training_config.json`` in the checkpoint, else ``../logs/config.json`` (where
+    ``examples/pretrain.py`` writes them next to ``final/``). Absolute paths are reduced to file names and
+    bookkeeping keys (output folder, trackers, ...) are dropped, so a published card does not reveal the machine's
+    layout.
+    """
+    folder = Path(checkpoint_dir)
+    for path in (folder / TRAINING_CONFIG_FILE, folder.parent / "logs" / "config.json"):
+        if path.is_file():
+            raw = _read_json(path)
+            return _public({k: v for k, v in raw.items() if k not in PRIVATE_TRAINING_KEYS})
+    return None
+
+
+# -- the model card -------------------------------------------------------------------------------------------------
+
+
+def render_model_card(
+    checkpoint_dir: str | os.PathLike,
+    model_id: str,
+    *,
+    revision: str | None = None,
+    datasets: Sequence[str] = (),
+    language: Sequence[str] = (),
+    license: str | None = None,  # noqa: A002 - the model card field's name
+    example_prompt: str = "The",
+    training_data: str | None = None,
+    template: str | os.PathLike | None = None,
+) -> ModelCard:
+    """Render the ``README.md`` model card of a checkpoint.
+
+    The YAML metadata carries ``library_name: transformers``, tags, datasets, language, license, and a
+    ``model-index`` with the valid-bound perplexity and NELBO from ``eval_results.json``. No ``pipeline_tag`` is
+    set and ``inference: false`` disables the Hub widget: a text-generation tag would advertise left-to-right
+    decoding, which this model does not do. The text has a usage snippet (``AutoModel`` with
+    ``trust_remote_code`` and ``revision``, ``generate``, ``nll_bound``), the architecture, the evaluation table
+    (the paper objective labelled "not a likelihood bound"), training settings, samples, and limitations.
+
+    Args:
+        checkpoint_dir: the checkpoint folder.
+        model_id: what users pass to ``from_pretrained``: the Hub repo id, or a local path.
+        revision: branch or commit for the snippet (None: none in the snippet, for a local path).
+        datasets: Hub dataset ids the model was trained or evaluated on, for the metadata.
+        language: ISO 639-1 codes, e.g. ``["en"]``.
+        license: a Hub license id, e.g. ``"apache-2.0"``.
+        example_prompt: the prompt of the snippet's conditional example.
+        training_data: a description of the training data (default: the name of the dataset in the training
+            settings).
+        template: a Jinja2 card template (default: ``model_cards/template.md``).
+
+    Returns:
+        a :class:`huggingface_hub.ModelCard`; ``str(card)`` is the file's text.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    folder = Path(checkpoint_dir)
+    template_path = Path(template) if template is not None else DEFAULT_CARD_TEMPLATE
+    if not template_path.is_file():
+        raise ValueError(
+            f"Model card template {template_path} not found. Pass template= (or --card_template): the default lives "
+            "in model_cards/ of the repository, which a non-editable install does not include."
+        )
+    config = _read_json(folder / "config.json")
+    generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").exists() else {}
+    evaluation = _public(load_eval_results(folder))
+    training = load_training_config(folder)
+    ell = int(config.get("num_sub_tokens", 1))
+    vocab = int(config["vocab_size"])
+    model_name = model_id.rstrip("/").rsplit("/", 1)[-1]
+
+    datasets = list(dict.fromkeys([*datasets, *_hub_dataset_ids(training)]))
+    eval_results = [
+        EvalResult(
+            task_type="language-modeling",
+            task_name="Language modeling (valid NELBO bound)",
+            dataset_type=_dataset_id(row["dataset"]),
+            dataset_name=_dataset_label(row["dataset"]),
+            dataset_split=row["split"],
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=round(float(row[key]), 4),
+            verified=False,
+        )
+        for row in (evaluation or {}).get("results", [])
+        for metric_type, metric_name, key in (
+            ("perplexity", "valid-bound perplexity (NELBO)", "ppl_bound"),
+            ("nelbo", "NELBO (nats/token, upper bound on NLL)", "nelbo_per_token"),
+        )
+    ]
+    tags = [*BASE_TAGS, "mdm-prime" if ell > 1 else "md4", "custom_code"]
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        tags=tags,
+        datasets=datasets or None,
+        language=list(language) or None,
+        license=license,
+        eval_results=eval_results or None,
+        inference=False,
+    )
+    if training_data is None and training and training.get("dataset"):
+        training_data = _dataset_label(training["dataset"])
+    samples = _read_samples(folder / "samples.txt")
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        model_id=model_id,
+        revision=revision,
+        config=config,
+        generation=generation,
+        ell=ell,
+        base=integer_base(vocab, ell),
+        vocab_size=vocab,
+        num_parameters=count_parameters(folder),
+        code_files=shipped_code_files(folder),
+        evaluation=evaluation,
+        training=training,
+        training_data=training_data,
+        samples=samples,
+        example_prompt=example_prompt,
+        hub_datasets=datasets,
+        license_id=license,
+    )
+    return card
+
+
+# -- staging and publishing -----------------------------------------------------------------------------------------
+
+
+def checkpoint_contents(
+    checkpoint_dir: str | os.PathLike, model_id: str, **card_options: Any
+) -> dict[str, Path | bytes]:
+    """What a push uploads: path in the repository -> a file of the checkpoint (uploaded as is) or generated bytes.
+
+    Generated: ``README.md`` (:func:`render_model_card`, with ``card_options``), ``training_config.json`` when the
+    run's settings are found next to the checkpoint, ``tokenizer_config.json`` when transformers 5 wrote it in a
+    form 4.x cannot use (:func:`_portable_tokenizer_config`), and ``eval_results.json`` when it holds absolute
+    local paths (reduced to their last component, as in ``training_config.json``).
+    """
+    folder = Path(checkpoint_dir)
+    contents: dict[str, Path | bytes] = {name: folder / name for name in check_checkpoint(folder)}
+    tokenizer_config = _read_json(folder / "tokenizer_config.json")
+    portable = _portable_tokenizer_config(tokenizer_config)
+    if portable != tokenizer_config:
+        contents["tokenizer_config.json"] = (json.dumps(portable, indent=2) + "\n").encode()
+    evaluation = load_eval_results(folder)
+    if evaluation is not None and _public(evaluation) != evaluation:
+        contents[EVAL_FILE] = (json.dumps(_public(evaluation), indent=2) + "\n").encode()
+    training = load_training_config(folder)
+    if training is not None and TRAINING_CONFIG_FILE not in contents:
+        contents[TRAINING_CONFIG_FILE] = (json.dumps(training, indent=2) + "\n").encode()
+    card = render_model_card(folder, model_id, **card_options)
+    contents["README.md"] = str(card).encode()
+    return dict(sorted(contents.items()))
+
+
+def stage_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    model_id: str | None = None,
+    **card_options: Any,
+) -> Path:
+    """Write the folder a push would upload into ``output_dir`` (a dry run; also how the reference checkpoint
+    ``checkpoints/mdm-prime-shakespeare-tiny`` is built).
+
+    Args:
+        checkpoint_dir: the checkpoint folder (only read).
+        output_dir: a new or empty folder.
+        model_id: the id the card's snippet loads (default: ``output_dir`` as given, i.e. a local path).
+        card_options: passed to :func:`render_model_card` (``revision``, ``datasets``, ``language``, ``license``,
+            ``example_prompt``, ``training_data``, ``template``).
+
+    Raises:
+        ValueError: ``output_dir`` is not empty or is the checkpoint itself, or the checkpoint is incomplete.
+    """
+    source, target = Path(checkpoint_dir), Path(output_dir)
+    if target.exists() and (any(target.iterdir()) or target.resolve() == source.resolve()):
+        raise ValueError(f"{target} is not empty; choose a new folder (the checkpoint itself is never modified).")
+    contents = checkpoint_contents(source, model_id or str(output_dir), **card_options)
+    target.mkdir(parents=True, exist_ok=True)
+    for name, content in contents.items():
+        (target / name).write_bytes(content if isinstance(content, bytes) else content.read_bytes())
+    return target
+
+
+def publish_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    exist_ok: bool = True,
+    endpoint: str | None = None,
+    datasets: Sequence[str] = (),
+    language: Sequence[str] = (),
+    license: str | None = None,  # noqa: A002 - the model card field's name
+    example_prompt: str = "The",
+    training_data: str | None = None,
+    card_template: str | os.PathLike | None = None,
+) -> CommitInfo:
+    """Publish a checkpoint folder to a Hub model repository in one commit, with a generated model card.
+
+    Steps: check the folder and render the card (no network); resolve the token and check it (``whoami``); create
+    the repository (``private`` applies on creation; an existing public repository is not made private: that is a
+    ``ValueError``, so nothing lands in public by mistake); create the branch ``revision`` from ``main`` if it does
+    not exist; commit every file, deleting stale weights and code files of an earlier push. Publishing again
+    updates the repository with a new commit that contains only what changed (no commit if nothing did).
+
+    Args:
+        checkpoint_dir: a ``save_pretrained`` folder with the tokenizer (e.g. ``outputs/pretrain/final``).
+        repo_id: ``"namespace/name"``, or ``"name"`` for the token owner's namespace.
+        token: a Hub token with write access (default: ``HF_TOKEN`` or the one saved by ``hf auth login``).
+        private: create the repository private.
+        revision: the branch to commit to (default ``main``); created if needed.
+        commit_message: the commit title (default: names the package version and the evaluation).
+        commit_description: the commit body.
+        create_pr: open a pull request against ``revision`` instead of committing to it.
+        exist_ok: update an existing repository (default). With False, an existing repository with files is an
+            error (an empty one, left by a failed first push, is completed).
+        endpoint: the Hub URL (default: ``HF_ENDPOINT`` or https://huggingface.co).
+        datasets, language, license, example_prompt, training_data, card_template: the card's options, see
+            :func:`render_model_card` (``card_template`` is its ``template``).
+
+    Returns:
+        the :class:`huggingface_hub.CommitInfo` (a ``str``: the commit URL; ``.oid``, ``.pr_url``, ``.repo_url``).
+
+    Raises:
+        ValueError: invalid arguments, an incomplete checkpoint, an existing repository with ``exist_ok=False``, or
+            an existing public repository with ``private=True``.
+        HubPublishError: no token or a rejected one, no write access, the Hub unreachable, or a failed commit
+            (nothing was committed then: run the same call again).
+    """
+    import huggingface_hub.constants
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.utils import get_token
+
+    if repo_id.count("/") > 1 or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
+        raise ValueError(f"Invalid repo id {repo_id!r}: expected 'namespace/name' or 'name'.")
+    if revision is not None and (not revision or revision.startswith("refs/") or " " in revision):
+        raise ValueError(f"Invalid revision {revision!r}: pass a branch name such as 'main' or 'v1'.")
+    branch = revision or "main"
+    card_options = {
+        "datasets": datasets,
+        "language": language,
+        "license": license,
+        "example_prompt": example_prompt,
+        "training_data": training_data,
+        "template": card_template,
+    }
+    # Everything local first: an incomplete checkpoint or a broken template fails before any request.
+    contents = checkpoint_contents(checkpoint_dir, repo_id, revision=branch, **card_options)
+    evaluation = load_eval_results(checkpoint_dir)
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise HubPublishError("HF_HUB_OFFLINE is set, so nothing was published: unset it to publish.")
+    api = HfApi(endpoint=endpoint)
+    token = token or get_token()
+    if not token:
+        raise HubPublishError(
+            "No Hugging Face token found, so nothing was published. Run `hf auth login` (a token with write "
+            "access), set HF_TOKEN, or pass --token / token=."
+        )
+    with _explain_hub_errors(api.endpoint, repo_id, "check the token"):
+        user = api.whoami(token=token)["name"]
+    if "/" not in repo_id:
+        repo_id = f"{user}/{repo_id}"
+        contents["README.md"] = str(
+            render_model_card(checkpoint_dir, repo_id, revision=branch, **card_options)
+        ).encode()
+
+    with _explain_hub_errors(api.endpoint, repo_id, "create the repository"):
+        created = _create_repo(api, repo_id, token=token, private=private)
+    if not created:
+        if not exist_ok:
+            with _explain_hub_errors(api.endpoint, repo_id, "list the repository's files"):
+                existing = set(api.list_repo_files(repo_id, token=token)) - {".gitattributes"}
+            if existing:  # an empty repository is one a failed first push created: completing it is allowed
+                raise ValueError(
+                    f"The repository {repo_id} already exists on {api.endpoint} and has files. Choose another name, "
+                    "or allow updating it (exist_ok=True; examples/push_to_hub.py without --new_repo)."
+                )
+        if private:
+            with _explain_hub_errors(api.endpoint, repo_id, "read the repository's settings"):
+                is_private = api.repo_info(repo_id, token=token).private
+            if not is_private:
+                raise ValueError(
+                    f"{repo_id} already exists and is public, but private=True was asked: nothing was published. "
+                    "Make it private first (its settings page, or HfApi().update_repo_settings(repo_id, "
+                    "private=True)), or publish without --private."
+                )
+    if branch != "main":
+        with _explain_hub_errors(api.endpoint, repo_id, f"create the branch {branch!r}"):
+            api.create_branch(repo_id, branch=branch, token=token, exist_ok=True)
+
+    with _explain_hub_errors(api.endpoint, repo_id, f"list the files on {branch!r}"):
+        remote = api.list_repo_files(repo_id, revision=branch, token=token)
+    stale = [path for path in remote if path not in contents and any(Path(path).match(p) for p in STALE_PATTERNS)]
+    operations = [
+        *(CommitOperationAdd(path_in_repo=path, path_or_fileobj=content) for path, content in contents.items()),
+        *(CommitOperationDelete(path_in_repo=path) for path in stale),
+    ]
+    if commit_message is None:
+        from . import __version__
+
+        score = ""
+        if evaluation:
+            row = evaluation["results"][0]
+            score = f"; valid-bound perplexity <= {row['ppl_bound']:.2f} on {_dataset_label(row['dataset'])}"
+        commit_message = f"Publish checkpoint (modeling_mdm_prime {__version__}{score})"
+    with _explain_hub_errors(api.endpoint, repo_id, f"commit to {branch!r}", commit=True):
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            token=token,
+            revision=branch,
+            create_pr=create_pr,
+        )
+    logger.info("Published %s to %s (%s)", checkpoint_dir, repo_id, info.commit_url)
+    return info
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+
+
+def _create_repo(api: HfApi, repo_id: str, *, token: str, private: bool) -> bool:
+    """Create the repository; False when it already exists (a 409)."""
+    from huggingface_hub.utils import HfHubHTTPError
+
+    try:
+        api.create_repo(repo_id, token=token, private=private, exist_ok=False)
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code == 409:
+            return False
+        raise
+    return True
+
+
+def _portable_tokenizer_config(config: dict) -> dict:
+    """A tokenizer config that loads the same on transformers 4.x and 5.x.
+
+    transformers 5 saves a generic fast tokenizer as ``"tokenizer_class": "TokenizersBackend"``, a name 4.x does not
+    know; ``PreTrainedTokenizerFast`` is the same class in 5.x and the generic one in 4.x. That class returns
+    ``token_type_ids`` in 4.x unless ``model_input_names`` says otherwise, and ``generate(**tokenizer(...))`` refuses
+    inputs the model does not take, so the model's own inputs are written down.
+    """
+    portable = dict(config)
+    if portable.get("tokenizer_class") == "TokenizersBackend":
+        portable["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if portable.get("tokenizer_class") == "PreTrainedTokenizerFast":
+        portable.setdefault("model_input_names", ["input_ids", "attention_mask"])
+    return portable
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures of whichever HTTP library the installed huggingface_hub uses."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    try:
+        import requests
+
+        errors.append(requests.exceptions.Timeout)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+@contextmanager
+def _explain_hub_errors(endpoint: str, repo_id: str, step: str, commit: bool = False) -> Iterator[None]:
+    """Turn the client's HTTP and network exceptions into a :class:`HubPublishError` that says what to do."""
+    from huggingface_hub.utils import HfHubHTTPError
+
+    after = (
+        " Nothing was committed (a commit is atomic) and the checkpoint folder is unchanged: run the same command "
+        "again to complete the repository; files already uploaded are not sent twice."
+        if commit
+        else " Nothing was committed and the checkpoint folder is unchanged."
+    )
+    try:
+        yield
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        server = _server_message(error)
+        if status == 401:
+            reason = (
+                "the token was rejected (401). Run `hf auth login --force` with a token that has write access, or "
+                "pass another one with --token / HF_TOKEN"
+            )
+        elif status == 403:
+            reason = f"the token has no write access to {repo_id} (403)"
+        elif status == 404:
+            reason = f"{repo_id} or the revision was not found (404)"
+        elif status is not None and status >= 500:
+            reason = f"the Hub answered {status}: a server error"
+        else:
+            reason = f"the Hub answered {status}"
+        raise HubPublishError(f"Could not {step} on {endpoint} for {repo_id}: {reason}.{server}{after}") from error
+    except _network_errors() as error:
+        raise HubPublishError(
+            f"Could not {step} on {endpoint} for {repo_id}: the connection failed ({type(error).__name__}: {error}). "
+            f"Check the network and HF_ENDPOINT.{after}"
+        ) from error
+
+
+def _server_message(error: Exception) -> str:
+    response = getattr(error, "response", None)
+    message = response.headers.get("X-Error-Message") if response is not None else None
+    return f" The server said: {message}." if message else ""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist.") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def _public(value: Any) -> Any:
+    """``value`` with every absolute path (in nested dicts and lists too) reduced to its last component, so that
+    published files do not reveal the layout of the machine they were made on."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
+        return Path(value).name
+    return value
+
+
+def _dataset_label(dataset: str) -> str:
+    """A short human name for a dataset given as a path or a Hub id."""
+    name = Path(dataset).name if _is_local_dataset(dataset) else dataset
+    for suffix in DATA_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _is_local_dataset(dataset: str) -> bool:
+    """Whether ``dataset`` names local files (a path, or a file name) rather than a Hub dataset id."""
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset):
+        return True
+    return Path(dataset).exists() or any(dataset.lower().endswith(suffix) for suffix in DATA_SUFFIXES)
+
+
+def _dataset_id(dataset: str) -> str:
+    """The model-index ``dataset.type``: a Hub dataset id as it is, anything else (a path, a label) as a slug."""
+    if not _is_local_dataset(dataset):
+        return dataset
+    return re.sub(r"[^a-z0-9]+", "-", _dataset_label(dataset).lower()).strip("-") or "dataset"
+
+
+def _hub_dataset_ids(training: Mapping | None) -> Iterable[str]:
+    """The training dataset, when it was a Hub dataset id rather than local files."""
+    dataset = (training or {}).get("dataset")
+    if isinstance(dataset, str) and dataset and not _is_local_dataset(dataset):
+        yield dataset
+
+
+def _read_samples(path: Path, limit: int = 3, max_chars: int = 400) -> list[str]:
+    """The first samples of ``samples.txt`` (pretrain.py separates them with ``---`` lines), shortened."""
+    if not path.is_file():
+        return []
+    samples = [s.strip() for s in path.read_text(encoding="utf-8").split("\n\n---\n\n") if s.strip()]
+    shortened = [s if len(s) <= max_chars else s[:max_chars].rstrip() + " …" for s in samples[:limit]]
+    return [re.sub(r"`{3,}", "'''", s) for s in shortened]  # keep the card's code fences closed

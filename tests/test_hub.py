@@ -1,0 +1,527 @@
+"""Publishing to a Hub and loading back: the real huggingface_hub client against a local Hub server
+(tests/hub_server.py), in fresh processes, on transformers 5.x and 4.57; and the committed reference checkpoint.
+
+The client processes get ``HF_ENDPOINT`` before huggingface_hub is imported, ``HF_HUB_DISABLE_XET=1``, no
+``HF_HUB_OFFLINE``, and their own ``HF_HOME`` so that no token saved on the machine is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import LocalHub
+from test_remote_code import SHIPPED, tf4_python
+from transformers import AutoTokenizer
+
+from modeling_mdm_prime import MDMPrimeForMaskedDiffusion
+from modeling_mdm_prime.hub_mdm_prime import (
+    HubPublishError,
+    check_checkpoint,
+    checkpoint_contents,
+    count_parameters,
+    load_eval_results,
+    render_model_card,
+    shipped_code_files,
+    stage_checkpoint,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "checkpoints" / "mdm-prime-shakespeare-tiny"
+REFERENCE_CARD = REPO / "model_cards" / "mdm-prime-shakespeare-tiny.md"
+# The options the reference card was rendered with (docs/publishing.md has the command).
+REFERENCE_CARD_OPTIONS = dict(
+    language=["en"],
+    license="apache-2.0",
+    example_prompt="ROMEO:",
+    training_data="the 42 Shakespeare plays bundled in examples/data (public domain)",
+)
+TOKEN, USER = "hf_local_test_token", "user"
+REPO_ID, BRANCH = f"{USER}/mdm-prime-tiny", "v1"
+PROMPT, NEW_TOKENS = "ROMEO:", 12
+REFRESH_CODE = (
+    '.venv/bin/python -c "import shutil; from modeling_mdm_prime import shipped_code_files as f; '
+    "d = 'checkpoints/mdm-prime-shakespeare-tiny'; [shutil.copy('modeling_mdm_prime/' + n, d) for n in f(d)]\""
+)
+
+PUBLISH = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from modeling_mdm_prime.hub_mdm_prime import publish_checkpoint
+
+old_checkpoint, checkpoint, repo_id, branch = sys.argv[2:6]
+card = dict(datasets=["user/shakespeare-plays"], language=["en"], license="apache-2.0")
+runs = {}
+runs["first"] = publish_checkpoint(
+    old_checkpoint, repo_id, private=True, revision=branch, commit_message="First release", example_prompt="ROMEO:",
+    **card
+)
+# Publishing again, another card and without the old checkpoint's extra code file: a commit with only the changes.
+runs["update"] = publish_checkpoint(
+    checkpoint, repo_id, private=True, revision=branch, commit_message="Card: another prompt",
+    example_prompt="JULIET:", **card
+)
+# Nothing changed: no commit.
+runs["same"] = publish_checkpoint(checkpoint, repo_id, revision=branch, example_prompt="JULIET:", **card)
+# A pull request against the branch.
+runs["pr"] = publish_checkpoint(
+    checkpoint, repo_id, revision=branch, create_pr=True, commit_message="Proposal", example_prompt="KING:", **card
+)
+print(json.dumps({name: {"oid": info.oid, "url": str(info), "pr_url": info.pr_url} for name, info in runs.items()}))
+"""
+
+ERRORS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from modeling_mdm_prime.hub_mdm_prime import publish_checkpoint
+
+checkpoint, token, dead_endpoint = sys.argv[2:5]
+results = []
+def attempt(name, repo_id, **kwargs):
+    try:
+        info = publish_checkpoint(checkpoint, repo_id, **kwargs)
+        results.append({"name": name, "ok": True, "oid": info.oid})
+    except Exception as error:
+        results.append({"name": name, "ok": False, "type": type(error).__name__, "message": str(error)})
+
+attempt("no_token", "user/flaky")  # no HF_TOKEN and an empty HF_HOME
+attempt("bad_token", "user/flaky", token="hf_not_a_valid_token")
+attempt("server_down", "user/flaky", token=token, endpoint=dead_endpoint)
+# --new_repo (exist_ok=False) semantics: the first attempt creates the repository, the retries complete it.
+attempt("dropped", "flaky", token=token, exist_ok=False)  # the server closes the connection during the commit
+attempt("server_error", "flaky", token=token, exist_ok=False)  # the server answers 500 to the commit
+attempt("retry", "flaky", token=token, exist_ok=False)  # the same call again completes the repository
+attempt("exists", "user/flaky", token=token, exist_ok=False)  # now it has files
+attempt("public_but_private_asked", "user/flaky", token=token, private=True)
+print(json.dumps(results))
+"""
+
+CLIENT_API = r"""
+import json, os, sys
+from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
+
+folder, cache = sys.argv[1:3]
+api = HfApi()
+api.create_repo("user/api-check")
+api.upload_folder(repo_id="user/api-check", folder_path=folder, commit_message="upload", allow_patterns=["*.json"])
+api.create_commit("user/api-check", [CommitOperationAdd("sub/dir/notes.txt", b"hello")], commit_message="nested")
+report = {
+    "refs": [ref.name for ref in api.list_repo_refs("user/api-check").branches],
+    "tree": sorted(entry.path for entry in api.list_repo_tree("user/api-check")),
+    "tree_sub": sorted(entry.path for entry in api.list_repo_tree("user/api-check", "sub", recursive=True)),
+    "paths_info": sorted(entry.path for entry in api.get_paths_info("user/api-check", ["config.json", "sub", "nope"])),
+    "commits": [commit.title for commit in api.list_repo_commits("user/api-check")],
+    "exists": [api.file_exists("user/api-check", "config.json"), api.file_exists("user/api-check", "nope.json")],
+    "snapshot": sorted(os.listdir(snapshot_download("user/api-check", cache_dir=cache))),
+}
+api.delete_file("sub/dir/notes.txt", "user/api-check")
+report["after_delete"] = sorted(api.list_repo_files("user/api-check"))
+api.delete_repo("user/api-check")
+report["repo_exists"] = api.repo_exists("user/api-check")
+print(json.dumps(report))
+"""
+
+LOADER = r"""
+import json, re, sys
+sys.modules["modeling_mdm_prime"] = None  # only the code in the repository may be used
+try:
+    import modeling_mdm_prime  # noqa: F401
+    raise SystemExit("modeling_mdm_prime is importable in the loader process")
+except ImportError:
+    pass
+import transformers
+from transformers import AutoModel, AutoTokenizer
+
+model_id, revision, prompt, new_tokens, card = sys.argv[1:6]
+revision, new_tokens = revision or None, int(new_tokens)
+model = AutoModel.from_pretrained(model_id, trust_remote_code=True, revision=revision).eval()
+tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True, revision=revision)
+batch = tokenizer([prompt], return_tensors="pt")
+generated = model.generate(**batch, max_new_tokens=new_tokens, num_steps=new_tokens, seed=0)
+report = {
+    "transformers": transformers.__version__,
+    "class": [type(model).__name__, type(model).__module__],
+    "tokenizer": type(tokenizer).__name__,
+    "generated": generated.tolist(),
+}
+if card:  # run the model card's usage snippet as it is written
+    if card == "hub":
+        from huggingface_hub import hf_hub_download
+        card = hf_hub_download(model_id, "README.md", revision=revision)
+    snippet = re.search(r"```python\n(.*?)```", open(card, encoding="utf-8").read(), re.S).group(1)
+    exec(compile(snippet, "model-card-snippet", "exec"), {})
+    report["snippet"] = "ran"
+print(json.dumps(report))
+"""
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+
+
+def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a fresh client process: its own caches and HF_HOME, no Hub settings from this one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
+    env.update(
+        HF_HOME=str(tmp / "hf-home"),
+        HF_HUB_CACHE=str(tmp / "hub-cache"),
+        HF_MODULES_CACHE=str(tmp / "modules"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_XET="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+    env.update(extra)
+    return env
+
+
+def hub_env(hub: LocalHub, tmp: Path, **extra: str) -> dict[str, str]:
+    return clean_env(tmp, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, **extra)
+
+
+def run_json(args: list[str], env: dict[str, str], cwd: Path):
+    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def interpreters():
+    yield pytest.param(sys.executable, id="transformers-5")
+    python = tf4_python()
+    marks = [] if python else [pytest.mark.skip("no transformers 4.57 env (.ci/run builds one)")]
+    yield pytest.param(python, id="transformers-4.57", marks=marks)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs():
+    """The reference checkpoint's seeded sample, generated with the installed package in this process."""
+    model = MDMPrimeForMaskedDiffusion.from_pretrained(REFERENCE).eval()
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE)
+    batch = tokenizer([PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        return model.generate(**batch, max_new_tokens=NEW_TOKENS, num_steps=NEW_TOKENS, seed=0).tolist()
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with LocalHub(tokens={TOKEN: USER}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def published(hub, tmp_path_factory):
+    """The reference checkpoint (copies) published four times by a fresh client process: see PUBLISH. The first
+    push is of an older checkpoint with one more code file."""
+    tmp = tmp_path_factory.mktemp("publish")
+    checkpoint, old = tmp / "checkpoint", tmp / "checkpoint-old"
+    shutil.copytree(REFERENCE, checkpoint)
+    shutil.copytree(REFERENCE, old)
+    (old / "old_helper.py").write_text("# a code file that the next version of the checkpoint no longer has\n")
+    before = {"new": tree_hashes(checkpoint), "old": tree_hashes(old)}
+    hub.clear_requests()
+    runs = run_json(
+        [sys.executable, "-c", PUBLISH, str(REPO), str(old), str(checkpoint), REPO_ID, BRANCH],
+        hub_env(hub, tmp),
+        cwd=tmp,
+    )
+    assert {"new": tree_hashes(checkpoint), "old": tree_hashes(old)} == before, "publishing modified a checkpoint"
+    return runs, list(hub.requests), checkpoint
+
+
+@pytest.fixture(scope="module")
+def failures(hub, tmp_path_factory):
+    """Error paths, run in one fresh client process: see ERRORS."""
+    tmp = tmp_path_factory.mktemp("errors")
+    checkpoint = tmp / "checkpoint"
+    shutil.copytree(REFERENCE, checkpoint)
+    before = tree_hashes(checkpoint)
+    hub.clear_requests()
+    hub.fail("POST", rf"^/api/models/{USER}/flaky/commit/", status=None)  # "dropped"
+    hub.fail("POST", rf"^/api/models/{USER}/flaky/commit/", status=500)  # "server_error"
+    env = clean_env(tmp, HF_ENDPOINT=hub.url)  # no HF_TOKEN: the token is passed explicitly where one is wanted
+    dead = f"http://127.0.0.1:{free_port()}"
+    results = run_json([sys.executable, "-c", ERRORS, str(REPO), str(checkpoint), TOKEN, dead], env, cwd=tmp)
+    assert tree_hashes(checkpoint) == before, "a failed or repeated push modified the checkpoint folder"
+    return {r["name"]: r for r in results}, list(hub.requests), checkpoint
+
+
+# -- publishing -----------------------------------------------------------------------------------------------------
+
+
+def test_publish_creates_a_private_repo_on_a_branch_with_everything(hub, published):
+    runs, requests, checkpoint = published
+    repo = hub.repos[REPO_ID]
+    assert repo.private and set(repo.refs) == {"main", BRANCH, "refs/pr/1"}
+    assert set(hub.files(REPO_ID, "main")) == {".gitattributes"}  # the branch was made from main, main untouched
+    files = hub.files(REPO_ID, BRANCH)
+    expected = set(checkpoint_contents(checkpoint, REPO_ID, revision=BRANCH)) | {".gitattributes"}
+    assert set(files) == expected
+    required = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert {*required, "README.md", "eval_results.json", "training_config.json", *SHIPPED} <= set(files)
+    for name in (*SHIPPED, "model.safetensors", "config.json", "tokenizer.json", "generation_config.json"):
+        assert files[name] == (checkpoint / name).read_bytes(), name
+    head = repo.resolve(BRANCH)
+    assert head.files["model.safetensors"].lfs and not head.files["config.json"].lfs
+    assert json.loads(files["config.json"])["auto_map"]["AutoModel"] == "modeling_mdm_prime.MDMPrimeForMaskedDiffusion"
+    assert json.loads(files["tokenizer_config.json"])["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_publishing_again_updates_the_repo(hub, published):
+    runs, requests, _ = published
+    repo = hub.repos[REPO_ID]
+    history = repo.history(repo.resolve(BRANCH))
+    assert [c.title for c in history] == ["Card: another prompt", "First release", "initial commit"]
+    assert [c.oid for c in history[:2]] == [runs["update"]["oid"], runs["first"]["oid"]]
+    assert runs["same"]["oid"] == runs["update"]["oid"]  # nothing changed: no new commit
+    first, update = repo.commits[runs["first"]["oid"]].files, repo.commits[runs["update"]["oid"]].files
+    assert {path for path in update if update[path] != first.get(path)} == {"README.md"}
+    assert set(first) - set(update) == {"old_helper.py"}  # a stale code file of the earlier push is deleted
+    assert "JULIET:" in update["README.md"].data.decode() and "JULIET:" not in first["README.md"].data.decode()
+    # The weights went up once: later pushes found them unchanged (preupload) and did not send them again.
+    assert [path for method, path, *_ in requests if method == "PUT"] == [
+        f"/{REPO_ID}/lfs-upload/{first['model.safetensors'].sha256}"
+    ]
+    assert sum(1 for method, path, *_ in requests if method == "POST" and "/commit/" in path) == 3
+
+
+def test_pull_request_against_the_branch(hub, published):
+    runs, _, _ = published
+    assert runs["pr"]["pr_url"] == f"{hub.url}/{REPO_ID}/discussions/1"
+    assert "KING:" in hub.files(REPO_ID, "refs/pr/1")["README.md"].decode()
+    assert "KING:" not in hub.files(REPO_ID, BRANCH)["README.md"].decode()
+
+
+def test_private_repo_needs_the_token(hub, published):
+    url = f"{hub.url}/{REPO_ID}/resolve/{BRANCH}/config.json"
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(url, timeout=10)
+    assert error.value.code == 401 and error.value.headers["X-Error-Code"] == "RepoNotFound"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert json.loads(answer.read())["model_type"] == "mdm_prime"
+
+
+def test_card_metadata(hub, published):
+    from huggingface_hub import ModelCard
+
+    _, _, checkpoint = published
+    text = hub.files(REPO_ID, BRANCH)["README.md"].decode()
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers"
+    assert {"masked-diffusion", "discrete-diffusion", "mdm-prime", "custom_code"} <= set(data["tags"])
+    assert data["datasets"] == ["user/shakespeare-plays"] and data["language"] == ["en"]
+    assert data["license"] == "apache-2.0" and data["inference"] is False
+    # No pipeline tag: text-generation would advertise left-to-right decoding.
+    assert "pipeline_tag" not in data and "text-generation" not in text.split("\n---\n", 1)[0]
+    evaluation = load_eval_results(checkpoint)["results"][0]
+    (entry,) = data["model-index"]
+    metrics = {m["type"]: m for m in entry["results"][0]["metrics"]}
+    assert metrics["perplexity"]["value"] == pytest.approx(evaluation["ppl_bound"], abs=1e-4)
+    assert metrics["perplexity"]["name"] == "valid-bound perplexity (NELBO)"
+    assert metrics["nelbo"]["value"] == pytest.approx(evaluation["nelbo_per_token"], abs=1e-4)
+    assert "paper" not in json.dumps(entry).lower()  # the paper objective is not a bound: not in the metadata
+    body = card.text
+    assert "not a likelihood bound" in body and f"{evaluation['ppl_bound']:.2f}" in body
+    assert f'revision="{BRANCH}"' in body and "trust_remote_code=True" in body and "## Limitations" in body
+
+
+@pytest.mark.parametrize("python", list(interpreters()))
+def test_load_from_the_hub_in_a_fresh_process(hub, published, reference_outputs, python, tmp_path):
+    """AutoModel/AutoTokenizer from the local Hub with trust_remote_code and a revision, the package not
+    importable; the seeded sample equals the package's, and the card's snippet runs as written."""
+    report = run_json(
+        [python, "-I", "-c", LOADER, REPO_ID, BRANCH, PROMPT, str(NEW_TOKENS), "hub"], hub_env(hub, tmp_path), tmp_path
+    )
+    assert report["class"][0] == "MDMPrimeForMaskedDiffusion" and report["class"][1].startswith("transformers_modules")
+    assert report["generated"] == reference_outputs
+    assert report["snippet"] == "ran"
+
+
+def test_local_hub_speaks_the_client_api(hub, tmp_path):
+    """The test server answers the rest of the client's repository API as the Hub does."""
+    args = [sys.executable, "-c", CLIENT_API, str(REFERENCE), str(tmp_path / "snapshots")]
+    report = run_json(args, hub_env(hub, tmp_path), tmp_path)
+    jsons = sorted(p.name for p in REFERENCE.glob("*.json"))
+    assert report["refs"] == ["main"] and report["commits"] == ["nested", "upload", "initial commit"]
+    assert report["tree"] == sorted([".gitattributes", "sub", *jsons])
+    assert report["tree_sub"] == ["sub/dir", "sub/dir/notes.txt"]
+    assert report["paths_info"] == ["config.json", "sub"] and report["exists"] == [True, False]
+    assert report["snapshot"] == sorted([".gitattributes", "sub", *jsons])
+    assert report["after_delete"] == sorted([".gitattributes", *jsons]) and report["repo_exists"] is False
+
+
+# -- errors ---------------------------------------------------------------------------------------------------------
+
+
+def test_no_token_is_a_clear_error_and_sends_nothing(failures):
+    results, requests, _ = failures
+    result = results["no_token"]
+    assert result["type"] == "HubPublishError"
+    assert "No Hugging Face token" in result["message"] and "hf auth login" in result["message"]
+    assert "HF_TOKEN" in result["message"]
+    # It failed before any request: the first request of the run is the next attempt's.
+    assert requests[0][1] == "/api/whoami-v2" and requests[0][3] == "<invalid>"
+
+
+def test_rejected_token_is_a_clear_error(failures):
+    results, requests, _ = failures
+    result = results["bad_token"]
+    assert result["type"] == "HubPublishError" and "rejected (401)" in result["message"]
+    assert [path for _, path, _, user in requests if user == "<invalid>"] == ["/api/whoami-v2"]
+
+
+def test_unreachable_hub_is_a_clear_error(failures):
+    result = failures[0]["server_down"]
+    assert result["type"] == "HubPublishError" and "connection failed" in result["message"]
+
+
+def test_failed_commit_leaves_no_commit_and_a_second_push_completes(hub, failures):
+    results, requests, checkpoint = failures
+    for name, reason in (("dropped", "connection failed"), ("server_error", "answered 500")):
+        assert results[name]["type"] == "HubPublishError", results[name]
+        assert reason in results[name]["message"] and "run the same command again" in results[name]["message"]
+    assert results["retry"]["ok"], results["retry"]
+    repo = hub.repos[f"{USER}/flaky"]  # "flaky" was published in the token owner's namespace
+    assert [c.title for c in repo.history(repo.resolve("main"))][1:] == ["initial commit"]  # one commit landed
+    assert set(hub.files(f"{USER}/flaky")) == set(checkpoint_contents(checkpoint, f"{USER}/flaky")) | {".gitattributes"}
+    commits = [status for method, path, status, _ in requests if method == "POST" and path.endswith("/commit/main")]
+    assert commits == [None, 500, 200]
+    # The weights were uploaded by the first attempt only; the retries found them stored.
+    assert sum(1 for method, *_ in requests if method == "PUT") == 1
+
+
+def test_existing_repo_without_exist_ok_is_a_clear_error(failures):
+    result = failures[0]["exists"]
+    assert result["type"] == "ValueError" and "already exists" in result["message"]
+
+
+def test_private_push_to_an_existing_public_repo_is_refused(failures):
+    result = failures[0]["public_but_private_asked"]
+    assert result["type"] == "ValueError" and "is public" in result["message"]
+
+
+# -- checks before any network call ---------------------------------------------------------------------------------
+
+
+def test_incomplete_checkpoint_lists_everything_missing(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(REFERENCE, checkpoint)
+    for name in ("tokenizer.json", "generation_config.json", "losses_mdm_prime.py"):
+        (checkpoint / name).unlink()
+    with pytest.raises(ValueError, match="Missing") as error:
+        check_checkpoint(checkpoint)
+    for name in ("tokenizer", "generation_config.json", "losses_mdm_prime.py"):
+        assert name in str(error.value)
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(REFERENCE, checkpoint)
+    (checkpoint / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(ValueError, match="pickle"):
+        check_checkpoint(checkpoint)
+
+
+def test_eval_results_must_report_the_valid_bound(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(REFERENCE, checkpoint)
+    results = json.loads((checkpoint / "eval_results.json").read_text())
+    row = results["results"][0]
+    row["ppl_bound"] = row["paper_objective_ppl"]  # a mix-up the card must not publish
+    (checkpoint / "eval_results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="valid bound"):
+        load_eval_results(checkpoint)
+    (checkpoint / "eval_results.json").unlink()
+    card = render_model_card(checkpoint, "user/x")
+    assert "has not been evaluated" in card.text and "model-index" not in card.data.to_dict()
+
+
+def test_cli_dry_run_writes_what_would_be_pushed(tmp_path):
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import push_to_hub
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    staged = tmp_path / "staged"
+    assert push_to_hub.main([str(REFERENCE), "user/x", "--save_to", str(staged), "--revision", "v2"]) == 0
+    assert sorted(p.name for p in staged.iterdir()) == sorted(checkpoint_contents(REFERENCE, "user/x"))
+    assert 'from_pretrained("user/x", trust_remote_code=True, revision="v2")' in (staged / "README.md").read_text()
+    with pytest.raises(ValueError, match="not empty"):
+        stage_checkpoint(REFERENCE, staged)
+    with pytest.raises(SystemExit):
+        push_to_hub.parse_args([str(REFERENCE)])  # neither a repo id nor --save_to
+
+
+def test_hub_module_is_not_shipped_as_remote_code(tmp_path):
+    from conftest import tiny_model
+
+    tiny_model().save_pretrained(tmp_path)
+    assert set(shipped_code_files(tmp_path)) == SHIPPED
+    assert not (tmp_path / "hub_mdm_prime.py").exists()
+    assert HubPublishError.__module__ == "modeling_mdm_prime.hub_mdm_prime"
+
+
+# -- the committed reference checkpoint -----------------------------------------------------------------------------
+
+
+def test_reference_checkpoint_is_complete_small_and_tracked():
+    files = check_checkpoint(REFERENCE)
+    assert {"eval_results.json", "training_config.json", "samples.txt"} <= set(files)
+    assert (REFERENCE / "README.md").is_file()
+    size = sum(p.stat().st_size for p in REFERENCE.iterdir())
+    assert size < 8 * 2**20, f"the reference checkpoint is {size / 2**20:.1f} MB"
+    assert 0.5e6 < count_parameters(REFERENCE) < 2e6
+    if shutil.which("git") and (REPO / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(REFERENCE / "model.safetensors")], cwd=REPO)
+        assert ignored.returncode == 1, "git ignores the reference checkpoint"
+
+
+def test_reference_code_is_the_package_code():
+    """The committed copy of the remote code cannot drift from modeling_mdm_prime/."""
+    assert set(shipped_code_files(REFERENCE)) == SHIPPED
+    stale = [n for n in SHIPPED if (REFERENCE / n).read_bytes() != (REPO / "modeling_mdm_prime" / n).read_bytes()]
+    assert not stale, f"{stale} differ from modeling_mdm_prime/; refresh them with:\n{REFRESH_CODE}"
+
+
+def test_reference_card_is_up_to_date():
+    card = render_model_card(REFERENCE, "checkpoints/mdm-prime-shakespeare-tiny", **REFERENCE_CARD_OPTIONS)
+    hint = "regenerate it with the command in docs/publishing.md"
+    assert (REFERENCE / "README.md").read_text(encoding="utf-8") == str(card), hint
+    assert REFERENCE_CARD.read_text(encoding="utf-8") == str(card), hint
+    assert re.search(r"valid-bound perplexity ≤ [0-9.]+", card.text)
+
+
+@pytest.mark.parametrize("python", list(interpreters()))
+def test_reference_checkpoint_loads_offline_in_a_fresh_process(reference_outputs, python, tmp_path):
+    """From the repository on a machine without the Hub: remote code only, and the README snippet runs."""
+    report = run_json(
+        [python, "-I", "-c", LOADER, str(REFERENCE), "", PROMPT, str(NEW_TOKENS), str(REFERENCE / "README.md")],
+        clean_env(tmp_path, HF_HUB_OFFLINE="1"),
+        REPO,  # the card's snippet loads checkpoints/mdm-prime-shakespeare-tiny relative to the repository
+    )
+    assert report["class"][1].startswith("transformers_modules")
+    assert report["generated"] == reference_outputs and report["snippet"] == "ran"
