@@ -40,7 +40,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast, get_scheduler
 
-from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion
+from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion, make_tokenizer_portable
 
 logger = get_logger("pretrain")
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "data" / "shakespeare_plays.jsonl.xz"
@@ -450,6 +450,7 @@ def main() -> None:
             eval_model.generation_config.update(max_new_tokens=cfg.sample_tokens)
             eval_model.save_pretrained(final)
             tokenizer.save_pretrained(final)
+            make_tokenizer_portable(final)  # the folder's tokenizer also loads on transformers 4.57
             samples = eval_model.generate(
                 max_new_tokens=cfg.sample_tokens, num_return_sequences=cfg.num_samples, seed=cfg.seed
             )

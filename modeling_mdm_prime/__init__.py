@@ -19,6 +19,7 @@ from .generation_mdm_prime import (
 from .hub_mdm_prime import (
     HubPublishError,
     check_checkpoint,
+    make_tokenizer_portable,
     publish_checkpoint,
     render_model_card,
     shipped_code_files,
@@ -94,6 +95,7 @@ __all__ = [
     "NoiseSchedule",
     "PolynomialSchedule",
     "check_checkpoint",
+    "make_tokenizer_portable",
     "publish_checkpoint",
     "render_model_card",
     "shipped_code_files",

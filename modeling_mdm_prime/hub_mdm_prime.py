@@ -559,6 +559,20 @@ def _create_repo(api: HfApi, repo_id: str, *, token: str, private: bool) -> bool
     return True
 
 
+def make_tokenizer_portable(folder: str | os.PathLike) -> bool:
+    """Rewrite ``folder/tokenizer_config.json`` in place so that it loads on transformers 4.57 as on 5.x (see
+    :func:`_portable_tokenizer_config`). Returns True if the file changed. Written atomically."""
+    path = Path(folder) / "tokenizer_config.json"
+    config = _read_json(path)
+    portable = _portable_tokenizer_config(config)
+    if portable == config:
+        return False
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(portable, indent=2) + "\n")
+    os.replace(tmp, path)
+    return True
+
+
 def _portable_tokenizer_config(config: dict) -> dict:
     """A tokenizer config that loads the same on transformers 4.x and 5.x.
 
