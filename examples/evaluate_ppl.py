@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.logging import get_logger
-from datasets import load_dataset
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain import BUNDLED_CORPUS, PretrainConfig, load_corpus, tokenize_blocks  # noqa: E402
+from pretrain import BUNDLED_CORPUS, PretrainConfig, load_corpus, read_documents, tokenize_blocks  # noqa: E402
 
 logger = get_logger("evaluate_ppl")
 
@@ -106,18 +105,7 @@ def load_documents(corpus: Corpus):
             max_documents=corpus.max_documents,
         )
         return load_corpus(settings)[1]
-    files = corpus.path.split(",")
-    if all(Path(f).exists() for f in files):
-        suffixes = {s for f in files for s in Path(f).suffixes}
-        builder = "json" if suffixes & {".json", ".jsonl"} else "text"
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        data = load_dataset(builder, data_files=files, split="train", **kwargs)
-    else:
-        data = load_dataset(corpus.path, corpus.config, split=corpus.split)
-    if corpus.text_column not in data.column_names:
-        raise ValueError(f"{corpus.name}: no column {corpus.text_column!r}; columns are {data.column_names}.")
-    data = data.rename_column(corpus.text_column, "text") if corpus.text_column != "text" else data
-    data = data.select_columns(["text"])
+    data = read_documents(corpus.path, corpus.config, corpus.split, corpus.text_column)
     return data.select(range(min(corpus.max_documents, len(data)))) if corpus.max_documents else data
 
 
@@ -202,7 +190,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cfg.num_time_samples < 1:
         raise ValueError(f"--num_time_samples must be >= 1, got {cfg.num_time_samples}.")
     logging.basicConfig(format="%(message)s", level=logging.INFO)
-    PartialState(cpu=cfg.cpu)
     accelerator = Accelerator(cpu=cfg.cpu)
     model = AutoModel.from_pretrained(cfg.model, trust_remote_code=True).to(accelerator.device).eval()
     if not hasattr(model, "nll_bound"):

@@ -159,19 +159,29 @@ class EMA:
             self.shadow[name].copy_(value)
 
 
-def load_corpus(cfg: PretrainConfig):
-    """(train, validation) datasets of documents with a ``text`` column."""
-    files = [f for f in cfg.dataset.split(",") if f]
+def read_documents(
+    dataset: str, config: str | None = None, split: str = "train", text_column: str = "text", streaming: bool = False
+):
+    """Local text/JSON(L) files (comma-separated, compressed too) or a ``load_dataset`` name, as a dataset of
+    documents with one ``text`` column."""
+    files = [f for f in dataset.split(",") if f]
     if all(Path(f).exists() for f in files):
         suffixes = {s for f in files for s in Path(f).suffixes}
         builder = "json" if suffixes & {".json", ".jsonl"} else "text"
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        data = load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming, **kwargs)
+        data = load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
     else:
-        data = load_dataset(cfg.dataset, cfg.dataset_config, split="train", streaming=cfg.streaming)
-    if cfg.text_column != "text":
-        data = data.rename_column(cfg.text_column, "text")
-    data = data.select_columns(["text"])
+        data = load_dataset(dataset, config, split=split, streaming=streaming)
+    if data.column_names is not None and text_column not in data.column_names:
+        raise ValueError(f"{dataset}: no column {text_column!r}; columns are {data.column_names}.")
+    if text_column != "text":
+        data = data.rename_column(text_column, "text")
+    return data.select_columns(["text"])
+
+
+def load_corpus(cfg: PretrainConfig):
+    """(train, validation) datasets of documents with a ``text`` column."""
+    data = read_documents(cfg.dataset, cfg.dataset_config, "train", cfg.text_column, cfg.streaming)
     if cfg.max_documents:
         data = data.take(cfg.max_documents) if cfg.streaming else data.select(range(cfg.max_documents))
     if cfg.streaming:  # a stream has no length: hold out the first N documents, or every k-th for a fraction

@@ -24,6 +24,7 @@ it into a checkpoint, and the code that runs with ``trust_remote_code`` does no 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
@@ -522,13 +523,11 @@ def publish_checkpoint(
         *(CommitOperationDelete(path_in_repo=path) for path in stale),
     ]
     if commit_message is None:
-        from . import __version__
-
         score = ""
         if evaluation:
             row = evaluation["results"][0]
             score = f"; valid-bound perplexity <= {row['ppl_bound']:.2f} on {_dataset_label(row['dataset'])}"
-        commit_message = f"Publish checkpoint (modeling_mdm_prime {__version__}{score})"
+        commit_message = f"Publish checkpoint ({_package_label()}{score})"
     with _explain_hub_errors(api.endpoint, repo_id, f"commit to {branch!r}", commit=True):
         info = api.create_commit(
             repo_id,
@@ -641,6 +640,15 @@ def _explain_hub_errors(endpoint: str, repo_id: str, step: str, commit: bool = F
             f"Could not {step} on {endpoint} for {repo_id}: the connection failed ({type(error).__name__}: {error}). "
             f"Check the network and HF_ENDPOINT.{after}"
         ) from error
+
+
+def _package_label() -> str:
+    """``modeling_mdm_prime <version>`` from the installed distribution (the package folder may also be used
+    uninstalled, from a checkout on ``sys.path``)."""
+    try:
+        return f"modeling_mdm_prime {importlib.metadata.version('modeling_mdm_prime')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "modeling_mdm_prime"
 
 
 def _server_message(error: Exception) -> str:
