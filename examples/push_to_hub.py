@@ -7,9 +7,11 @@
     python examples/push_to_hub.py outputs/pretrain/final --save_to staged/   # dry run: write what would be pushed
 
 The checkpoint folder is what ``examples/pretrain.py`` saves (``<output_dir>/final``), or any ``save_pretrained``
-folder with the tokenizer. It is checked before anything is sent; pickle weights are refused. Put
-``eval_results.json`` in it first (``examples/evaluate_ppl.py --write_results``) to publish the held-out valid-bound
-perplexity in the card's metadata. Publishing again to the same repository adds a commit with what changed.
+folder with the tokenizer. It is checked before anything is sent; pickles are refused (by name and by content). Only
+the files of the model are published (README's "What is uploaded"); the rest of the folder is left out and listed,
+and ``--include PATTERN`` publishes more. Put ``eval_results.json`` in it first (``examples/evaluate_ppl.py
+--write_results``) to publish the held-out valid-bound perplexity in the card's metadata. Publishing again to the
+same repository adds a commit with what changed. A failed push changes nothing: run the same command again.
 
 The token comes from ``--token``, ``HF_TOKEN`` or ``hf auth login``; ``HF_ENDPOINT`` selects another Hub.
 """
@@ -17,9 +19,10 @@ The token comes from ``--token``, ``HF_TOKEN`` or ``hf auth login``; ``HF_ENDPOI
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from modeling_mdm_prime.hub_mdm_prime import HubPublishError, publish_checkpoint, stage_checkpoint
+from modeling_mdm_prime.hub import HubPublishError, publish_checkpoint, stage_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     card.add_argument("--license", default=None, help="Hub license id, e.g. apache-2.0")
     card.add_argument("--example_prompt", default="The", help="prompt of the card's generation example")
     card.add_argument("--training_data", default=None, help="description of the training data for the card")
-    card.add_argument("--card_template", default=None, help="Jinja2 template (default: model_cards/template.md)")
+    card.add_argument("--card_template", default=None, help="Jinja2 template (default: the package's own)")
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also publish these files of the folder (name or glob, repeatable); others outside the model are left out",
+    )
     parser.add_argument(
         "--save_to",
         default=None,
@@ -55,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Show the warnings of the publishing code (files left out, code that differs from the package) as plain lines.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("modeling_mdm_prime").setLevel(logging.INFO)
     card_options = {
         "datasets": args.dataset,
         "language": args.language,
@@ -63,14 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         "training_data": args.training_data,
     }
     if args.save_to is not None:
-        target = stage_checkpoint(
-            args.checkpoint_dir,
-            args.save_to,
-            model_id=args.repo_id,
-            revision=args.revision,
-            template=args.card_template,
-            **card_options,
-        )
+        try:
+            target = stage_checkpoint(
+                args.checkpoint_dir,
+                args.save_to,
+                model_id=args.repo_id,
+                revision=args.revision,
+                template=args.card_template,
+                extra_files=args.include,
+                **card_options,
+            )
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(f"Wrote the folder to publish to {target}; nothing was pushed.")
         return 0
     try:
@@ -85,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             create_pr=args.create_pr,
             exist_ok=not args.new_repo,
             card_template=args.card_template,
+            extra_files=args.include,
             **card_options,
         )
     except (HubPublishError, ValueError) as error:

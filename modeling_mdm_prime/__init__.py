@@ -2,8 +2,8 @@
 
 Importing the package registers the classes with the Auto factories, so ``AutoModel.from_pretrained`` works
 on saved checkpoints without ``trust_remote_code``; checkpoints also carry the code for users who do not
-install the package. ``publish_checkpoint`` (in ``hub_mdm_prime``, which is not shipped as remote code) pushes a
-checkpoint with its code, tokenizer and a generated model card to the Hub.
+install the package. ``publish_checkpoint`` (in ``hub``, which is not shipped as remote code: only files named
+``*_mdm_prime.py`` are) pushes a checkpoint with its code, tokenizer and a generated model card to the Hub.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
@@ -16,7 +16,7 @@ from .generation_mdm_prime import (
     MDMPrimeGenerationMixin,
     MDMPrimeSamplerState,
 )
-from .hub_mdm_prime import (
+from .hub import (
     HubPublishError,
     check_checkpoint,
     make_tokenizer_portable,

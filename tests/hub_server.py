@@ -18,8 +18,11 @@ exceptions:
 - files: ``GET .../tree/{rev}[/{path}]``, ``POST .../paths-info/{rev}``, ``HEAD``/``GET /{repo}/resolve/{rev}/{path}``
   with ``ETag``, ``X-Repo-Commit`` and ``Content-Length`` (revisions are branches, ``refs/pr/N`` or commit ids).
 
-Failures are injected with :meth:`LocalHub.fail` (an HTTP status, or a dropped connection, for the next N
-requests matching a method and path), and every request is recorded in :attr:`LocalHub.requests` with its
+Failures are injected with :meth:`LocalHub.fail`, for the next N requests matching a method and path (or all of
+them, until :meth:`LocalHub.clear_failures`): an HTTP status, a dropped connection, or the server going away in the
+middle of the request (it stops listening until :meth:`LocalHub.start` is called again, on the same port). This
+covers every phase of a commit: preupload, the LFS batch API, the LFS ``PUT`` uploads and their verification, and
+the commit itself. Every request is recorded in :attr:`LocalHub.requests` with its
 status and user, so tests can check what the client did (and that nothing was uploaded). The server runs in a
 thread of the test process: it imports nothing from ``huggingface_hub``, so ``HF_ENDPOINT`` can still be set
 for the client processes that the tests start.
@@ -134,12 +137,15 @@ class HubError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
+DOWN = "down"  # a Failure status: the server goes away in the middle of the request
+
+
 @dataclass
 class Failure:
     method: str
     pattern: re.Pattern
-    status: int | None  # None: drop the connection without answering
-    remaining: int
+    status: int | str | None  # an HTTP status; None: drop the connection without answering; DOWN: the server dies
+    remaining: int | None  # None: every matching request until clear_failures()
 
 
 class LocalHub:
@@ -163,24 +169,35 @@ class LocalHub:
         self._counter = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._address: tuple[str, int] | None = None  # kept across stop(): start() again listens on the same port
+        self.down = False  # set by a DOWN failure: every request is dropped until start()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("the local Hub is not running")
-        host, port = self._server.server_address[:2]
+        if self._address is None:
+            raise RuntimeError("the local Hub was never started")
+        host, port = self._address
         return f"http://{host}:{port}"
 
+    @property
+    def running(self) -> bool:
+        return self._server is not None and not self.down
+
     def start(self) -> LocalHub:
+        """Listen (again): on a free port the first time, on the same port after :meth:`stop` or a DOWN failure."""
+        if self._server is not None:
+            self.stop()
         hub = self
 
         class Handler(_Handler):
             pass
 
         Handler.hub = hub
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(self._address or ("127.0.0.1", 0), Handler)
+        self._address = self._server.server_address[:2]
+        self.down = False
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="local-hub", daemon=True)
         self._thread.start()
@@ -201,12 +218,23 @@ class LocalHub:
 
     # -- test controls -------------------------------------------------------------------------------------------
 
-    def fail(self, method: str, path_regex: str, status: int | None = 500, times: int = 1) -> None:
-        """Answer the next ``times`` requests whose method is ``method`` and whose path matches ``path_regex``
-        (``re.search``) with ``status`` (a JSON error body), or, with ``status=None``, close the connection without
-        answering (a server that dies mid-request)."""
+    def fail(self, method: str, path_regex: str, status: int | str | None = 500, times: int | None = 1) -> None:
+        """Make the next ``times`` requests (``None``: all of them, until :meth:`clear_failures`) whose method is
+        ``method`` and whose path matches ``path_regex`` (``re.search``) fail:
+
+        - ``status`` an int: answer it, with a JSON error body;
+        - ``status=None``: read the request, then close the connection without answering (a dropped request);
+        - ``status=DOWN``: read half of the request body, close the connection and stop listening: the server is
+          gone (connections are refused, and requests on open connections are dropped) until :meth:`start`.
+        """
+        if not (status is None or status == DOWN or isinstance(status, int)):
+            raise ValueError(f"status must be an HTTP status, None or {DOWN!r}, got {status!r}")
         with self._lock:
             self.failures.append(Failure(method.upper(), re.compile(path_regex), status, times))
+
+    def clear_failures(self) -> None:
+        with self._lock:
+            self.failures.clear()
 
     def clear_requests(self) -> None:
         with self._lock:
@@ -229,10 +257,21 @@ class LocalHub:
     def _take_failure(self, method: str, path: str) -> Failure | None:
         with self._lock:
             for failure in self.failures:
-                if failure.remaining > 0 and failure.method == method and failure.pattern.search(path):
+                if failure.remaining == 0 or failure.method != method or not failure.pattern.search(path):
+                    continue
+                if failure.remaining is not None:
                     failure.remaining -= 1
-                    return failure
+                return failure
         return None
+
+    def _go_down(self) -> None:
+        """Stop listening (called from a request's thread), keeping the state and the port for :meth:`start`."""
+        with self._lock:
+            server, thread, self._server, self._thread = self._server, self._thread, None, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -292,11 +331,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         record = [method, url.path, None, self._auth_label()]
         self.hub.requests.append(record)  # list.append is atomic; the status is filled in below
-        body = self._read_body()
+        if self.hub.down:  # the server is gone: a request on a connection that was still open gets no answer
+            self._drop()
+            return
         failure = self.hub._take_failure(method, url.path)
+        if failure is not None and failure.status == DOWN:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0) // 2)  # it dies in the middle of the body
+            self.hub.down = True
+            self._drop()
+            threading.Thread(target=self.hub._go_down, name="local-hub-down", daemon=True).start()
+            return
+        body = self._read_body()
         if failure is not None and failure.status is None:
-            self.close_connection = True  # no answer at all: the client sees the connection drop
-            self.connection.shutdown(socket.SHUT_RDWR)
+            self._drop()  # no answer at all: the client sees the connection drop
             return
         try:
             if failure is not None:
@@ -325,6 +372,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if method != "HEAD":
             self.wfile.write(payload)
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

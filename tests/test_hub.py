@@ -7,32 +7,44 @@ The client processes get ``HF_ENDPOINT`` before huggingface_hub is imported, ``H
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from hub_server import LocalHub
+from hub_server import DOWN, LocalHub
 from test_remote_code import SHIPPED, tf4_python
 from transformers import AutoTokenizer
 
+import modeling_mdm_prime
 from modeling_mdm_prime import MDMPrimeForMaskedDiffusion
-from modeling_mdm_prime.hub_mdm_prime import (
+from modeling_mdm_prime.hub import (
     HubPublishError,
     check_checkpoint,
     checkpoint_contents,
     count_parameters,
     load_eval_results,
+    pickle_reason,
+    publish_checkpoint,
     render_model_card,
+    select_files,
+    shipped_code_differences,
     shipped_code_files,
     stage_checkpoint,
 )
@@ -40,7 +52,7 @@ from modeling_mdm_prime.hub_mdm_prime import (
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "checkpoints" / "mdm-prime-shakespeare-tiny"
 REFERENCE_CARD = REPO / "model_cards" / "mdm-prime-shakespeare-tiny.md"
-# The options the reference card was rendered with (docs/publishing.md has the command).
+# The options the reference card was rendered with (README.md, "Reference checkpoint", has the command).
 REFERENCE_CARD_OPTIONS = dict(
     language=["en"],
     license="apache-2.0",
@@ -58,14 +70,14 @@ REFRESH_CODE = (
 PUBLISH = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from modeling_mdm_prime.hub_mdm_prime import publish_checkpoint
+from modeling_mdm_prime.hub import publish_checkpoint
 
 old_checkpoint, checkpoint, repo_id, branch = sys.argv[2:6]
 card = dict(datasets=["user/shakespeare-plays"], language=["en"], license="apache-2.0")
 runs = {}
 runs["first"] = publish_checkpoint(
     old_checkpoint, repo_id, private=True, revision=branch, commit_message="First release", example_prompt="ROMEO:",
-    **card
+    extra_files=["old_helper.py"], **card
 )
 # Publishing again, another card and without the old checkpoint's extra code file: a commit with only the changes.
 runs["update"] = publish_checkpoint(
@@ -84,7 +96,7 @@ print(json.dumps({name: {"oid": info.oid, "url": str(info), "pr_url": info.pr_ur
 ERRORS = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from modeling_mdm_prime.hub_mdm_prime import publish_checkpoint
+from modeling_mdm_prime.hub import publish_checkpoint
 
 checkpoint, token, dead_endpoint = sys.argv[2:5]
 results = []
@@ -202,6 +214,29 @@ def tree_hashes(folder: Path) -> dict[str, str]:
     }
 
 
+# Files that sit in checkpoint folders and are not part of a model: a push must leave them out.
+UNRELATED = {
+    "credentials.json": b'{"token": "hf_secret"}\n',
+    "notes.txt": b"private notes\n",
+    "helper.py": b"print('not imported by the model code')\n",
+    "model.safetensors.bak": None,  # a copy of the weights
+    "checkpoint-500/optimizer.safetensors": b"not a model file\n",
+}
+
+
+def add_unrelated_files(folder: Path) -> None:
+    for name, content in UNRELATED.items():
+        path = folder / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content if content is not None else (folder / "model.safetensors").read_bytes())
+
+
+def copy_reference(tmp_path: Path, name: str = "checkpoint") -> Path:
+    checkpoint = tmp_path / name
+    shutil.copytree(REFERENCE, checkpoint)
+    return checkpoint
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -240,6 +275,8 @@ def published(hub, tmp_path_factory):
     shutil.copytree(REFERENCE, checkpoint)
     shutil.copytree(REFERENCE, old)
     (old / "old_helper.py").write_text("# a code file that the next version of the checkpoint no longer has\n")
+    for folder in (checkpoint, old):
+        add_unrelated_files(folder)
     before = {"new": tree_hashes(checkpoint), "old": tree_hashes(old)}
     hub.clear_requests()
     runs = run_json(
@@ -281,6 +318,8 @@ def test_publish_creates_a_private_repo_on_a_branch_with_everything(hub, publish
     assert set(files) == expected
     required = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
     assert {*required, "README.md", "eval_results.json", "training_config.json", *SHIPPED} <= set(files)
+    assert not set(files) & {"credentials.json", "notes.txt", "helper.py", "model.safetensors.bak"}
+    assert not any(path.startswith("checkpoint-500") for path in files)
     for name in (*SHIPPED, "model.safetensors", "config.json", "tokenizer.json", "generation_config.json"):
         assert files[name] == (checkpoint / name).read_bytes(), name
     head = repo.resolve(BRANCH)
@@ -460,12 +499,17 @@ def test_eval_results_must_report_the_valid_bound(tmp_path):
     assert "has not been evaluated" in card.text and "model-index" not in card.data.to_dict()
 
 
-def test_cli_dry_run_writes_what_would_be_pushed(tmp_path):
+def import_push_to_hub():
     sys.path.insert(0, str(REPO / "examples"))
     try:
         import push_to_hub
     finally:
         sys.path.remove(str(REPO / "examples"))
+    return push_to_hub
+
+
+def test_cli_dry_run_writes_what_would_be_pushed(tmp_path):
+    push_to_hub = import_push_to_hub()
     staged = tmp_path / "staged"
     assert push_to_hub.main([str(REFERENCE), "user/x", "--save_to", str(staged), "--revision", "v2"]) == 0
     assert sorted(p.name for p in staged.iterdir()) == sorted(checkpoint_contents(REFERENCE, "user/x"))
@@ -477,12 +521,15 @@ def test_cli_dry_run_writes_what_would_be_pushed(tmp_path):
 
 
 def test_hub_module_is_not_shipped_as_remote_code(tmp_path):
+    """The naming rule: the package's files named *_mdm_prime.py are exactly the ones shipped as remote code."""
     from conftest import tiny_model
 
     tiny_model().save_pretrained(tmp_path)
     assert set(shipped_code_files(tmp_path)) == SHIPPED
-    assert not (tmp_path / "hub_mdm_prime.py").exists()
-    assert HubPublishError.__module__ == "modeling_mdm_prime.hub_mdm_prime"
+    package = Path(modeling_mdm_prime.__file__).parent
+    assert {p.name for p in package.glob("*_mdm_prime.py")} == SHIPPED
+    assert {p.name for p in tmp_path.glob("*.py")} == SHIPPED
+    assert HubPublishError.__module__ == "modeling_mdm_prime.hub"
 
 
 # -- the committed reference checkpoint -----------------------------------------------------------------------------
@@ -509,7 +556,7 @@ def test_reference_code_is_the_package_code():
 
 def test_reference_card_is_up_to_date():
     card = render_model_card(REFERENCE, "checkpoints/mdm-prime-shakespeare-tiny", **REFERENCE_CARD_OPTIONS)
-    hint = "regenerate it with the command in docs/publishing.md"
+    hint = "regenerate it with the commands in README.md, section 'Reference checkpoint'"
     assert (REFERENCE / "README.md").read_text(encoding="utf-8") == str(card), hint
     assert REFERENCE_CARD.read_text(encoding="utf-8") == str(card), hint
     assert re.search(r"valid-bound perplexity ≤ [0-9.]+", card.text)
@@ -525,3 +572,216 @@ def test_reference_checkpoint_loads_offline_in_a_fresh_process(reference_outputs
     )
     assert report["class"][1].startswith("transformers_modules")
     assert report["generated"] == reference_outputs and report["snippet"] == "ran"
+
+
+# -- what a push takes from the folder ------------------------------------------------------------------------------
+
+
+def test_only_the_model_files_are_published_and_the_rest_is_listed(tmp_path, caplog):
+    checkpoint = copy_reference(tmp_path)
+    add_unrelated_files(checkpoint)
+    with caplog.at_level(logging.WARNING, logger="modeling_mdm_prime"):
+        files = check_checkpoint(checkpoint)
+    model = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert set(files) == {*model, *SHIPPED, "eval_results.json", "samples.txt", "training_config.json"}
+    (warning,) = [r.getMessage() for r in caplog.records if "Not publishing" in r.getMessage()]
+    for name in ("credentials.json", "notes.txt", "helper.py", "model.safetensors.bak", "checkpoint-500/"):
+        assert name in warning
+    assert "README.md" not in warning  # replaced by the generated card, not left out
+    staged = stage_checkpoint(checkpoint, tmp_path / "staged", model_id="user/x")
+    assert sorted(p.name for p in staged.iterdir()) == sorted({*files, "README.md"})
+
+
+def test_extra_files_publish_more(tmp_path, caplog):
+    checkpoint = copy_reference(tmp_path)
+    add_unrelated_files(checkpoint)
+    published, left_out = select_files(checkpoint, extra_files=["notes.txt", "checkpoint-500/*.safetensors"])
+    assert {"notes.txt", "checkpoint-500/optimizer.safetensors"} <= set(published)
+    assert "notes.txt" not in left_out and "credentials.json" in left_out and "checkpoint-500/" not in left_out
+    contents = checkpoint_contents(checkpoint, "user/x", extra_files=["notes.txt", "checkpoint-500/*.safetensors"])
+    assert contents["checkpoint-500/optimizer.safetensors"] == checkpoint / "checkpoint-500" / "optimizer.safetensors"
+    for pattern, problem in (("nope.txt", "matches no file"), ("../x", "inside"), ("README.md", "generates it")):
+        with pytest.raises(ValueError, match=problem):
+            select_files(checkpoint, extra_files=[pattern])
+
+
+def test_cli_include_adds_files_to_the_dry_run(tmp_path, capsys):
+    push_to_hub = import_push_to_hub()
+    checkpoint = copy_reference(tmp_path)
+    add_unrelated_files(checkpoint)
+    staged = tmp_path / "staged"
+    assert push_to_hub.main([str(checkpoint), "--save_to", str(staged), "--include", "notes.txt"]) == 0
+    names = {p.name for p in staged.iterdir()}
+    assert "notes.txt" in names and not names & {"credentials.json", "helper.py", "model.safetensors.bak"}
+    assert push_to_hub.main([str(checkpoint), "--save_to", str(tmp_path / "again"), "--include", "x.txt"]) == 1
+    assert "matches no file" in capsys.readouterr().err
+
+
+def _torch_zip() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"weight": torch.zeros(2)}, buffer)
+    return buffer.getvalue()
+
+
+def _npy() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3))
+    return buffer.getvalue()
+
+
+PICKLES = {
+    # name: (file name, content, what the refusal says)
+    "name_upper_case": ("pytorch_model.BIN", b"whatever", "name ends in .bin"),
+    "name_compressed": ("weights.pkl.gz", gzip.compress(b"x"), "name ends in .pkl"),
+    "name_npy": ("arr.npy", b"x", "name ends in .npy"),
+    "content_pickle": ("notes.txt", pickle.dumps({"a": 1}, protocol=4), "pickle stream (protocol 4)"),
+    "content_torch_zip": ("extra.dat", _torch_zip(), "zip archive holding"),
+    "content_npy": ("array.dat", _npy(), "numpy .npy array"),
+    "content_gzip_pickle": ("blob.gz", gzip.compress(pickle.dumps([1, 2], protocol=2)), "gzip-compressed"),
+    "weights_are_a_pickle": ("model.safetensors", _torch_zip(), "zip archive holding"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PICKLES))
+def test_pickles_are_refused_by_name_and_by_content(case, tmp_path):
+    name, content, reason = PICKLES[case]
+    checkpoint = copy_reference(tmp_path)
+    (checkpoint / name).write_bytes(content)
+    with pytest.raises(ValueError, match="pickle") as error:
+        check_checkpoint(checkpoint)
+    assert name in str(error.value) and reason in str(error.value)
+    assert pickle_reason(checkpoint / name) is not None
+
+
+def test_files_that_are_not_pickles_pass_the_content_check(tmp_path):
+    assert all(pickle_reason(path) is None for path in REFERENCE.iterdir())
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("readme.txt", "plain text")
+    for name, content in (("plots.zip", archive.getvalue()), ("log.txt.gz", gzip.compress(b"step 1\n"))):
+        (tmp_path / name).write_bytes(content)
+        assert pickle_reason(tmp_path / name) is None, name
+
+
+def test_weights_that_are_not_safetensors_are_refused(tmp_path):
+    checkpoint = copy_reference(tmp_path)
+    (checkpoint / "model.safetensors").write_bytes(pickle.dumps({"w": 1}, protocol=0))  # no 0x80 opcode
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        check_checkpoint(checkpoint)
+
+
+def test_code_that_differs_from_the_package_is_reported(tmp_path, caplog):
+    checkpoint = copy_reference(tmp_path)
+    assert shipped_code_differences(checkpoint) == []
+    with (checkpoint / "codec_mdm_prime.py").open("a") as f:
+        f.write("# edited by hand\n")
+    assert shipped_code_differences(checkpoint) == ["codec_mdm_prime.py"]
+    with caplog.at_level(logging.WARNING, logger="modeling_mdm_prime"):
+        checkpoint_contents(checkpoint, "user/x")
+    (warning,) = [r.getMessage() for r in caplog.records if "differ from the installed package" in r.getMessage()]
+    assert "codec_mdm_prime.py" in warning and "losses_mdm_prime.py" not in warning
+
+
+def test_wheel_ships_the_card_template_and_publishes_without_card_template(tmp_path):
+    """A non-editable install has the template as package data: staging from the wheel's files alone, outside the
+    repository, renders the committed card."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "modeling_mdm_prime", source / "modeling_mdm_prime", ignore=ignore)
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
+    result = subprocess.run([*build, "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        archive.extractall(tmp_path / "site")
+    assert "modeling_mdm_prime/model_card_template.md" in names
+    assert not any(name.endswith("hub_mdm_prime.py") for name in names)
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import modeling_mdm_prime as m; "
+        "assert m.__file__.startswith(sys.argv[1]), m.__file__; from modeling_mdm_prime.hub import stage_checkpoint; "
+        "stage_checkpoint(sys.argv[2], sys.argv[3], model_id='checkpoints/mdm-prime-shakespeare-tiny', "
+        "**json.loads(sys.argv[4]))"
+    )
+    staged = tmp_path / "staged"
+    args = [str(tmp_path / "site"), str(REFERENCE), str(staged), json.dumps(REFERENCE_CARD_OPTIONS)]
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script, *args],
+        env=clean_env(tmp_path, HF_HUB_OFFLINE="1"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (staged / "README.md").read_text(encoding="utf-8") == REFERENCE_CARD.read_text(encoding="utf-8")
+
+
+# -- failures while the LFS files are uploaded ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """This process as a client of a local Hub: online, no Xet, and huggingface_hub's retries without their waits
+    (1 + 2 + 4 + 8 + 8 s by default; there is no public setting), so a persistent failure fails in well under a
+    second after the same 5 retries."""
+    import huggingface_hub.constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    defaults = _http.http_backoff.__kwdefaults__ or {}
+    for key in ("base_wait_time", "max_wait_time"):
+        if key in defaults:
+            monkeypatch.setitem(defaults, key, 0.01)
+
+
+LFS_FAILURES = {
+    # name: (method, path, injected failure, how many requests fail (None: all), what the error says)
+    "put_answers_500": ("PUT", r"/lfs-upload/", 500, None, "the Hub answered 500"),
+    "put_dropped": ("PUT", r"/lfs-upload/", None, None, "the connection failed"),
+    "server_gone_mid_upload": ("PUT", r"/lfs-upload/", DOWN, 1, "the connection failed"),
+    "verify_answers_500": ("POST", r"/lfs-verify$", 500, None, "the Hub answered 500"),
+}
+
+
+@pytest.mark.parametrize("case", list(LFS_FAILURES))
+def test_lfs_failure_is_a_hub_publish_error_and_a_second_push_completes(case, online):
+    method, path, status, times, reason = LFS_FAILURES[case]
+    repo_id = f"{USER}/lfs-{case.replace('_', '-')}"
+    with LocalHub(tokens={TOKEN: USER}) as hub:
+        hub.fail(method, path, status=status, times=times)
+        start = time.perf_counter()
+        with pytest.raises(HubPublishError) as error:
+            publish_checkpoint(REFERENCE, repo_id, token=TOKEN, endpoint=hub.url)
+        elapsed = time.perf_counter() - start
+        message = str(error.value)
+        assert "upload model.safetensors (LFS storage)" in message and reason in message, message
+        assert "Nothing was committed" in message and "run the same command again" in message
+        repo = hub.repos[repo_id]
+        assert [c.title for c in repo.history(repo.resolve("main"))] == ["initial commit"]
+        assert not any(m == "POST" and p.endswith("/commit/main") for m, p, *_ in hub.requests)
+        attempts = sum(1 for m, p, *_ in hub.requests if m == method and re.search(path, p))
+        assert attempts >= 1 if status == DOWN else attempts == 6  # the client's own 5 retries happened
+        assert elapsed < 15, f"the failing push took {elapsed:.1f} s"
+        # The same command again, with the server back, completes the repository.
+        hub.clear_failures()
+        if not hub.running:
+            hub.start()
+        info = publish_checkpoint(REFERENCE, repo_id, token=TOKEN, endpoint=hub.url)
+        files = hub.files(repo_id)
+        assert info.oid == repo.refs["main"]
+        assert set(files) == set(checkpoint_contents(REFERENCE, repo_id, revision="main")) | {".gitattributes"}
+        assert files["model.safetensors"] == (REFERENCE / "model.safetensors").read_bytes()
+
+
+def test_a_transient_lfs_failure_is_retried_within_the_push(online):
+    with LocalHub(tokens={TOKEN: USER}) as hub:
+        hub.fail("PUT", r"/lfs-upload/", status=503, times=2)
+        publish_checkpoint(REFERENCE, f"{USER}/lfs-transient", token=TOKEN, endpoint=hub.url)
+        puts = [status for method, _, status, _ in hub.requests if method == "PUT"]
+        assert puts == [503, 503, 200]
+        assert "model.safetensors" in hub.files(f"{USER}/lfs-transient")

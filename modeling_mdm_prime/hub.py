@@ -3,34 +3,46 @@
 :func:`publish_checkpoint` uploads a ``save_pretrained`` folder (as written by ``examples/pretrain.py``) in one
 commit: safetensors weights, ``config.json`` with its ``auto_map``, every code file that ``trust_remote_code``
 needs, ``generation_config.json``, the tokenizer, the evaluation file and a ``README.md`` model card rendered
-from ``model_cards/template.md``. :func:`stage_checkpoint` writes the same folder locally instead (a dry run,
-and how the committed reference checkpoint is built); :func:`render_model_card` renders the card alone.
+from ``model_card_template.md`` (package data of this package). :func:`stage_checkpoint` writes the same folder
+locally instead (a dry run, and how the committed reference checkpoint is built); :func:`render_model_card`
+renders the card alone.
 
 Guarantees:
 
+- Only an allowlist is published (:func:`select_files`): the files of a model, its tokenizer and its evaluation.
+  Anything else in the folder (``credentials.json``, ``notes.txt``, a ``.bak`` file, ...) is left out and listed in
+  a warning; ``extra_files=`` adds more.
 - The user's checkpoint folder is only read. The card, a tokenizer config that transformers 4.x can load too, the
   run's training settings and path-free evaluation results are generated in memory (see
   :func:`checkpoint_contents`); every other file is uploaded from disk as it is.
 - Everything is checked before the first network call: missing files are listed together in one ``ValueError``,
-  and pickle weights (``.bin``, ``.pt``, ...) are refused.
-- One push is one commit, and a Hub commit is atomic: if the server fails or the connection drops, the repository
-  is left as it was, and running the same command again completes it (LFS files already stored are not sent again).
-- Hub and network failures raise :class:`HubPublishError` with what happened and what to do. Invalid arguments and
-  incomplete checkpoints raise ``ValueError``.
+  and pickles are refused, found by name (case-insensitive, compressed too) and by content (pickle streams, torch
+  zip archives, numpy arrays). Code files that differ from the installed package's are reported in a warning.
+- One push is one commit, and a Hub commit is atomic: if the server fails or the connection drops, also while the
+  LFS files are uploaded, the repository is left as it was, and running the same command again completes it (LFS
+  files already stored are not sent again).
+- Every failure of a Hub request raises :class:`HubPublishError` with what happened and what to do. Invalid
+  arguments and incomplete checkpoints raise ``ValueError``.
 
-This module is not remote code: ``modeling_mdm_prime.py`` does not import it, so ``save_pretrained`` never copies
+This module is not remote code: its name does not end in ``_mdm_prime.py`` (the files that do are exactly the ones
+shipped with a checkpoint) and ``modeling_mdm_prime.py`` does not import it, so ``save_pretrained`` never copies
 it into a checkpoint, and the code that runs with ``trust_remote_code`` does no network I/O.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import importlib.metadata
+import importlib.resources
 import json
 import logging
+import lzma
 import math
 import os
 import re
 import struct
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,15 +55,33 @@ if TYPE_CHECKING:  # huggingface_hub is imported where it is used: importing the
 
 logger = logging.getLogger(__name__)
 
-REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CARD_TEMPLATE = REPOSITORY_ROOT / "model_cards" / "template.md"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The card template is package data (setup.cfg [options.package_data]), so a wheel install can publish too.
+CARD_TEMPLATE_NAME = "model_card_template.md"
+DEFAULT_CARD_TEMPLATE = PACKAGE_DIR / CARD_TEMPLATE_NAME
 
-# Weights that unpickle on load can run arbitrary code: the Hub flags them, and a published model must not need them.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+# Loading a pickle can run arbitrary code: the Hub flags such files, and a published model must not need them.
+# Names are compared case-insensitively, on every suffix (``weights.pkl.gz``); contents are checked too.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".dill", ".npy", ".npz")
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+# What save_pretrained writes for a tokenizer, besides a vocabulary file.
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModel")
 EVAL_FILE = "eval_results.json"
 TRAINING_CONFIG_FILE = "training_config.json"
+SAMPLES_FILE = "samples.txt"
+# The published files besides weights, code and tokenizer (README's "What is uploaded" table). README.md is not
+# among them: the card is generated.
+MODEL_FILES = ("config.json", "generation_config.json", EVAL_FILE, SAMPLES_FILE, TRAINING_CONFIG_FILE)
+# Files of a repository that a push never takes from the checkpoint folder.
+GENERATED_FILES = ("README.md", ".gitattributes")
 # Files of an earlier push that a new one replaces or removes: a stale shard or code file would break loading.
 STALE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.py")
 # Training settings that describe the run; paths and bookkeeping are left out of a published card.
@@ -108,59 +138,194 @@ def shipped_code_files(checkpoint_dir: str | os.PathLike) -> list[str]:
     return sorted(f"{module}.py" for module in found)
 
 
-def check_checkpoint(checkpoint_dir: str | os.PathLike) -> list[str]:
+def select_files(checkpoint_dir: str | os.PathLike, extra_files: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """The files a push takes from a checkpoint folder, and the ones it leaves out.
+
+    Published (README's "What is uploaded" table), where present: the weights (``model.safetensors``, or
+    ``model.safetensors.index.json`` and the shards it names), ``config.json``, the code files that
+    ``trust_remote_code`` loads (:func:`shipped_code_files`), ``generation_config.json``, the tokenizer files
+    (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``, ...), ``eval_results.json``,
+    ``samples.txt`` and ``training_config.json``, plus whatever ``extra_files`` selects. ``README.md`` is never taken
+    from the folder: the card is generated.
+
+    Args:
+        checkpoint_dir: the checkpoint folder.
+        extra_files: more files to publish: names or glob patterns relative to the folder (``"notes.txt"``,
+            ``"assets/*.png"``). Each must match at least one file inside the folder.
+
+    Returns:
+        ``(published, left_out)``: paths relative to the folder (``/``-separated), sorted. A sub-folder of which
+        nothing is published is listed once, as ``"name/"``.
+
+    Raises:
+        ValueError: an ``extra_files`` pattern matches no file, points outside the folder, or names a file the push
+            generates (``README.md``).
+    """
+    folder = Path(checkpoint_dir)
+    top = sorted(p.name for p in folder.iterdir() if p.is_file())
+    wanted = {*MODEL_FILES, *TOKENIZER_VOCAB_FILES, *TOKENIZER_FILES}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        wanted.add(index.name)
+        weight_map = _read_json(index).get("weight_map")
+        wanted.update(weight_map.values() if isinstance(weight_map, dict) else ())
+    else:
+        wanted.add("model.safetensors")
+    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    if isinstance(config, dict) and config.get("auto_map"):
+        wanted.update(shipped_code_files(folder))
+    published = {name for name in top if name in wanted}
+    root = folder.resolve()
+    for pattern in extra_files:
+        if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+            raise ValueError(f"extra file {pattern!r} must be a path or pattern inside {folder}, e.g. 'notes.txt'.")
+        matches = [p for p in sorted(folder.glob(pattern)) if p.is_file() and p.resolve().is_relative_to(root)]
+        if not matches:
+            raise ValueError(
+                f"extra file {pattern!r} matches no file in {folder}: expected a file name or pattern there."
+            )
+        for path in matches:
+            name = path.relative_to(folder).as_posix()
+            if name in GENERATED_FILES:
+                raise ValueError(f"extra file {name!r} cannot be published from the folder: the push generates it.")
+            published.add(name)
+    left_out: set[str] = {name for name in top if name not in published and name not in GENERATED_FILES}
+    for path in folder.rglob("*"):
+        if path.is_file() and path.parent != folder:
+            name = path.relative_to(folder).as_posix()
+            if name not in published:
+                first = name.split("/", 1)[0]
+                partly = any(other.startswith(first + "/") for other in published)
+                left_out.add(name if partly else first + "/")
+    return sorted(published), sorted(left_out)
+
+
+def pickle_reason(path: str | os.PathLike) -> str | None:
+    """Why a file is (or may hold) a pickle, or None. Loading a pickle can run arbitrary code.
+
+    By name, case-insensitively, on every suffix (``pytorch_model.BIN``, ``weights.pkl.gz``, ``arr.npy``); by
+    content: a pickle stream (protocol 2 and later start with opcode ``0x80``), a zip archive holding a pickle or a
+    numpy array (``torch.save``, ``numpy.savez``), a numpy ``.npy`` array (it can hold pickled objects), or one of
+    these compressed with gzip, bz2 or xz. A valid safetensors file is never a pickle.
+    """
+    path = Path(path)
+    suffix = next((s for s in Path(path.name.lower()).suffixes if s in PICKLE_SUFFIXES), None)
+    if suffix is not None:
+        return f"its name ends in {suffix}, a pickle format"
+    if _is_safetensors(path):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(16)
+    found = _pickle_magic(head)
+    if found:
+        return f"its content is {found}"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        inner = [m for m in members if m.lower().endswith((".pkl", ".pickle", ".npy"))]
+        if inner:
+            return f"its content is a zip archive holding {inner[0]} (the torch.save / numpy.savez format)"
+        return None
+    for magic, opener, kind in (
+        (b"\x1f\x8b", gzip.open, "gzip"),
+        (b"BZh", bz2.open, "bz2"),
+        (b"\xfd7zXZ\x00", lzma.open, "xz"),
+    ):
+        if head.startswith(magic):
+            try:
+                with opener(path, "rb") as f:
+                    found = _pickle_magic(f.read(16))
+            except (OSError, EOFError, lzma.LZMAError):
+                return None
+            return f"its content is {found}, {kind}-compressed" if found else None
+    return None
+
+
+def check_checkpoint(checkpoint_dir: str | os.PathLike, extra_files: Sequence[str] = ()) -> list[str]:
     """Check that a folder is a complete, loadable, pickle-free checkpoint, and return the files to publish.
 
     Required: ``config.json`` with an ``auto_map`` naming at least AutoConfig and AutoModel, every code file it
     needs (:func:`shipped_code_files`), safetensors weights (``model.safetensors``, or an index and all its
     shards), ``generation_config.json``, and a tokenizer (``tokenizer_config.json`` plus a vocabulary file).
-    The files to publish are the folder's top-level files, without hidden files and without ``README.md`` (the
-    card is generated). Sub-folders are not published.
+    The files to publish are the allowlist of :func:`select_files` plus ``extra_files``; everything else is left
+    out, and listed in a warning.
 
     Raises:
-        ValueError: the folder does not exist, something is missing (all missing items are listed), or it holds
-            pickle files.
+        ValueError: the folder does not exist, something is missing (all missing items are listed), a file is not
+            what its name says (weights that are not safetensors), or the folder holds pickles (:func:`pickle_reason`,
+            on every top-level file and every extra file).
     """
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         raise ValueError(f"Checkpoint folder {folder} does not exist.")
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    pickles = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
+    published, left_out = select_files(folder, extra_files)
+    scanned = sorted({*(p.name for p in folder.iterdir() if p.is_file()), *published})
+    pickles = {name: reason for name in scanned if (reason := pickle_reason(folder / name))}
     if pickles:
+        listed = "; ".join(f"{name} ({reason})" for name, reason in pickles.items())
         raise ValueError(
-            f"Refusing to publish pickle files from {folder}: {', '.join(pickles)}. Loading a pickle can run arbitrary "
-            "code. Save the model with save_pretrained (safetensors, the default) into a folder without them. A "
-            "folder of optimizer.bin / random_states_*.pkl is a training state (accelerate save_state), not a model."
+            f"Refusing to publish {folder}: it holds pickles, and loading a pickle can run arbitrary code: {listed}. "
+            "Expected safetensors weights and JSON/text files only: save the model with save_pretrained (safetensors, "
+            "the default) into a folder without them. A folder of optimizer.bin / random_states_*.pkl is a training "
+            "state (accelerate save_state), not a model."
         )
     missing = []
-    if "config.json" not in files:
+    if "config.json" not in published:
         missing.append("config.json")
     else:
         auto_map = _read_json(folder / "config.json").get("auto_map") or {}
         absent = [name for name in REQUIRED_AUTO_CLASSES if name not in auto_map]
         if absent:
             missing.append(f"auto_map entries {absent} in config.json (save the model with save_pretrained)")
-        missing.extend(name for name in shipped_code_files(folder) if name not in files)
-    if "model.safetensors.index.json" in files:
-        shards = set(_read_json(folder / "model.safetensors.index.json").get("weight_map", {}).values())
-        missing.extend(sorted(shard for shard in shards if shard not in files))
-    elif "model.safetensors" not in files:
-        missing.append("model.safetensors (or model.safetensors.index.json and its shards)")
-    if "generation_config.json" not in files:
+        missing.extend(name for name in shipped_code_files(folder) if name not in published)
+    if "model.safetensors.index.json" in published:
+        weights = set(_read_json(folder / "model.safetensors.index.json").get("weight_map", {}).values())
+        missing.extend(sorted(shard for shard in weights if shard not in published))
+    else:
+        weights = {"model.safetensors"}
+        if "model.safetensors" not in published:
+            missing.append("model.safetensors (or model.safetensors.index.json and its shards)")
+    if "generation_config.json" not in published:
         missing.append("generation_config.json")
-    if "tokenizer_config.json" not in files:
+    if "tokenizer_config.json" not in published:
         missing.append("tokenizer_config.json (save the tokenizer with tokenizer.save_pretrained)")
-    if not any(name in files for name in TOKENIZER_VOCAB_FILES):
+    if not any(name in published for name in TOKENIZER_VOCAB_FILES):
         missing.append(f"a tokenizer vocabulary ({' or '.join(TOKENIZER_VOCAB_FILES)})")
     if missing:
         hint = ""
         if (folder / "final" / "config.json").exists():
             hint = f" Did you mean {folder / 'final'} (where examples/pretrain.py saves the model)?"
         raise ValueError(f"{folder} is not a complete checkpoint. Missing: {'; '.join(missing)}.{hint}")
-    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if subfolders:
-        logger.warning("Not publishing the sub-folders of %s: %s", folder, ", ".join(subfolders))
-    return [name for name in files if name != "README.md"]
+    broken = sorted(name for name in weights if not _is_safetensors(folder / name))
+    if broken:
+        raise ValueError(
+            f"{', '.join(broken)} in {folder} is not a valid safetensors file (expected an 8-byte header "
+            "length, then a JSON header): save the model again with save_pretrained."
+        )
+    if left_out:
+        logger.warning(
+            "Not publishing %d file(s) of %s that are not part of the model: %s. Pass extra_files= (--include) to "
+            "publish some of them.",
+            len(left_out),
+            folder,
+            ", ".join(left_out),
+        )
+    return published
+
+
+def shipped_code_differences(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """The code files of a checkpoint (:func:`shipped_code_files`) that are not byte for byte the installed
+    package's, sorted: a push publishes the checkpoint's copy, which is what ``trust_remote_code`` runs."""
+    folder = Path(checkpoint_dir)
+    return [
+        name
+        for name in shipped_code_files(folder)
+        if (folder / name).is_file()
+        and (not (PACKAGE_DIR / name).is_file() or (folder / name).read_bytes() != (PACKAGE_DIR / name).read_bytes())
+    ]
 
 
 def load_eval_results(checkpoint_dir: str | os.PathLike) -> dict | None:
@@ -264,7 +429,7 @@ def render_model_card(
         example_prompt: the prompt of the snippet's conditional example.
         training_data: a description of the training data (default: the name of the dataset in the training
             settings).
-        template: a Jinja2 card template (default: ``model_cards/template.md``).
+        template: a Jinja2 card template file (default: ``model_card_template.md``, shipped in the package).
 
     Returns:
         a :class:`huggingface_hub.ModelCard`; ``str(card)`` is the file's text.
@@ -272,12 +437,12 @@ def render_model_card(
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     folder = Path(checkpoint_dir)
-    template_path = Path(template) if template is not None else DEFAULT_CARD_TEMPLATE
-    if not template_path.is_file():
-        raise ValueError(
-            f"Model card template {template_path} not found. Pass template= (or --card_template): the default lives "
-            "in model_cards/ of the repository, which a non-editable install does not include."
-        )
+    if template is None:
+        template_text = importlib.resources.files(__package__).joinpath(CARD_TEMPLATE_NAME).read_text(encoding="utf-8")
+    elif Path(template).is_file():
+        template_text = Path(template).read_text(encoding="utf-8")
+    else:
+        raise ValueError(f"Model card template {template} not found: expected a Jinja2 file (or no template=).")
     config = _read_json(folder / "config.json")
     generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").exists() else {}
     evaluation = _public(load_eval_results(folder))
@@ -321,7 +486,7 @@ def render_model_card(
     samples = _read_samples(folder / "samples.txt")
     card = ModelCard.from_template(
         card_data,
-        template_path=str(template_path),
+        template_str=template_text,
         model_name=model_name,
         model_id=model_id,
         revision=revision,
@@ -347,17 +512,31 @@ def render_model_card(
 
 
 def checkpoint_contents(
-    checkpoint_dir: str | os.PathLike, model_id: str, **card_options: Any
+    checkpoint_dir: str | os.PathLike, model_id: str, *, extra_files: Sequence[str] = (), **card_options: Any
 ) -> dict[str, Path | bytes]:
     """What a push uploads: path in the repository -> a file of the checkpoint (uploaded as is) or generated bytes.
 
-    Generated: ``README.md`` (:func:`render_model_card`, with ``card_options``), ``training_config.json`` when the
-    run's settings are found next to the checkpoint, ``tokenizer_config.json`` when transformers 5 wrote it in a
-    form 4.x cannot use (:func:`_portable_tokenizer_config`), and ``eval_results.json`` when it holds absolute
-    local paths (reduced to their last component, as in ``training_config.json``).
+    The checkpoint's files are the allowlist of :func:`check_checkpoint` plus ``extra_files`` (the rest is left out,
+    with a warning). Code files that differ from the installed package's are reported in a warning. Generated:
+    ``README.md`` (:func:`render_model_card`, with ``card_options``), ``training_config.json`` when the run's
+    settings are found next to the checkpoint, ``tokenizer_config.json`` when transformers 5 wrote it in a form 4.x
+    cannot use (:func:`_portable_tokenizer_config`), and ``eval_results.json`` when it holds absolute local paths
+    (reduced to their last component, as in ``training_config.json``).
     """
     folder = Path(checkpoint_dir)
-    contents: dict[str, Path | bytes] = {name: folder / name for name in check_checkpoint(folder)}
+    contents: dict[str, Path | bytes] = {name: folder / name for name in check_checkpoint(folder, extra_files)}
+    differing = shipped_code_differences(folder)
+    if differing:
+        logger.warning(
+            "The code files %s of %s differ from the installed package's (%s, %s). The push publishes the "
+            "checkpoint's copies, which are what trust_remote_code runs. If the package's code is meant, copy "
+            "those files from %s into the checkpoint (or save the model again with save_pretrained) first.",
+            ", ".join(differing),
+            folder,
+            _package_label(),
+            PACKAGE_DIR,
+            PACKAGE_DIR,
+        )
     tokenizer_config = _read_json(folder / "tokenizer_config.json")
     portable = _portable_tokenizer_config(tokenizer_config)
     if portable != tokenizer_config:
@@ -386,8 +565,9 @@ def stage_checkpoint(
         checkpoint_dir: the checkpoint folder (only read).
         output_dir: a new or empty folder.
         model_id: the id the card's snippet loads (default: ``output_dir`` as given, i.e. a local path).
-        card_options: passed to :func:`render_model_card` (``revision``, ``datasets``, ``language``, ``license``,
-            ``example_prompt``, ``training_data``, ``template``).
+        card_options: ``extra_files`` (see :func:`select_files`), and the options of :func:`render_model_card`
+            (``revision``, ``datasets``, ``language``, ``license``, ``example_prompt``, ``training_data``,
+            ``template``).
 
     Raises:
         ValueError: ``output_dir`` is not empty or is the checkpoint itself, or the checkpoint is incomplete.
@@ -420,6 +600,7 @@ def publish_checkpoint(
     example_prompt: str = "The",
     training_data: str | None = None,
     card_template: str | os.PathLike | None = None,
+    extra_files: Sequence[str] = (),
 ) -> CommitInfo:
     """Publish a checkpoint folder to a Hub model repository in one commit, with a generated model card.
 
@@ -442,7 +623,9 @@ def publish_checkpoint(
             error (an empty one, left by a failed first push, is completed).
         endpoint: the Hub URL (default: ``HF_ENDPOINT`` or https://huggingface.co).
         datasets, language, license, example_prompt, training_data, card_template: the card's options, see
-            :func:`render_model_card` (``card_template`` is its ``template``).
+            :func:`render_model_card` (``card_template`` is its ``template``; default: the package's template).
+        extra_files: files to publish besides the allowlist (names or glob patterns in the folder, see
+            :func:`select_files`); everything else in the folder is left out, with a warning that lists it.
 
     Returns:
         the :class:`huggingface_hub.CommitInfo` (a ``str``: the commit URL; ``.oid``, ``.pr_url``, ``.repo_url``).
@@ -450,8 +633,9 @@ def publish_checkpoint(
     Raises:
         ValueError: invalid arguments, an incomplete checkpoint, an existing repository with ``exist_ok=False``, or
             an existing public repository with ``private=True``.
-        HubPublishError: no token or a rejected one, no write access, the Hub unreachable, or a failed commit
-            (nothing was committed then: run the same call again).
+        HubPublishError: every failure of a Hub request: no token or a rejected one, no write access, the Hub
+            unreachable, a server error or a dropped connection, also while the LFS files are uploaded (nothing was
+            committed then: run the same call again).
     """
     import huggingface_hub.constants
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
@@ -471,7 +655,7 @@ def publish_checkpoint(
         "template": card_template,
     }
     # Everything local first: an incomplete checkpoint or a broken template fails before any request.
-    contents = checkpoint_contents(checkpoint_dir, repo_id, revision=branch, **card_options)
+    contents = checkpoint_contents(checkpoint_dir, repo_id, revision=branch, extra_files=extra_files, **card_options)
     evaluation = load_eval_results(checkpoint_dir)
 
     if huggingface_hub.constants.HF_HUB_OFFLINE:
@@ -607,20 +791,41 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 @contextmanager
 def _explain_hub_errors(endpoint: str, repo_id: str, step: str, commit: bool = False) -> Iterator[None]:
-    """Turn the client's HTTP and network exceptions into a :class:`HubPublishError` that says what to do."""
-    from huggingface_hub.utils import HfHubHTTPError
+    """Turn every exception of the Hub client into a :class:`HubPublishError` that says what happened and what to do.
 
+    That includes the LFS phase of a commit, where huggingface_hub wraps the HTTP or network error of an upload in
+    a ``RuntimeError("Error while uploading '<path>' to the Hub.")`` after its own retries.
+    """
     after = (
         " Nothing was committed (a commit is atomic) and the checkpoint folder is unchanged: run the same command "
         "again to complete the repository; files already uploaded are not sent twice."
         if commit
-        else " Nothing was committed and the checkpoint folder is unchanged."
+        else " Nothing was committed and the checkpoint folder is unchanged: once the cause is fixed, run the same "
+        "command again to complete the repository."
     )
     try:
         yield
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        server = _server_message(error)
+    except HubPublishError:
+        raise
+    except Exception as error:  # every failure of a push becomes a HubPublishError
+        raise HubPublishError(_describe_failure(error, endpoint, repo_id, step) + after) from error
+
+
+def _describe_failure(error: BaseException, endpoint: str, repo_id: str, step: str) -> str:
+    """One sentence: which step failed where, and why (the HTTP status, a dropped connection, or the client's
+    exception), found by following the exception's chain of causes."""
+    from huggingface_hub.utils import HfHubHTTPError
+
+    uploading = re.match(r"Error while uploading '(.+)' to the Hub", str(error))
+    if uploading:
+        step = f"upload {uploading.group(1)} (LFS storage) to {step.removeprefix('commit to ')}"
+    chain = [error]
+    while (following := chain[-1].__cause__ or chain[-1].__context__) is not None and following not in chain:
+        chain.append(following)
+    cause = next((e for e in chain if isinstance(e, (HfHubHTTPError, *_network_errors()))), chain[-1])
+    where = f"Could not {step} on {endpoint} for {repo_id}"
+    if isinstance(cause, HfHubHTTPError):
+        status = cause.response.status_code if cause.response is not None else None
         if status == 401:
             reason = (
                 "the token was rejected (401). Run `hf auth login --force` with a token that has write access, or "
@@ -634,12 +839,13 @@ def _explain_hub_errors(endpoint: str, repo_id: str, step: str, commit: bool = F
             reason = f"the Hub answered {status}: a server error"
         else:
             reason = f"the Hub answered {status}"
-        raise HubPublishError(f"Could not {step} on {endpoint} for {repo_id}: {reason}.{server}{after}") from error
-    except _network_errors() as error:
-        raise HubPublishError(
-            f"Could not {step} on {endpoint} for {repo_id}: the connection failed ({type(error).__name__}: {error}). "
-            f"Check the network and HF_ENDPOINT.{after}"
-        ) from error
+        return f"{where}: {reason}.{_server_message(cause)}"
+    if isinstance(cause, _network_errors()):
+        return (
+            f"{where}: the connection failed ({type(cause).__name__}: {cause}): the server went away or dropped the "
+            "request. Check the network and HF_ENDPOINT."
+        )
+    return f"{where}: the Hub client failed ({type(cause).__name__}: {cause})."
 
 
 def _package_label() -> str:
@@ -655,6 +861,36 @@ def _server_message(error: Exception) -> str:
     response = getattr(error, "response", None)
     message = response.headers.get("X-Error-Message") if response is not None else None
     return f" The server said: {message}." if message else ""
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file: an 8-byte little-endian header length, then a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                return False
+            (length,) = struct.unpack("<Q", prefix)
+            if length < 2 or length > min(path.stat().st_size - 8, 100 * 2**20):
+                return False
+            header = f.read(length)
+    except OSError:
+        return False
+    if not header.startswith(b"{"):
+        return False
+    try:
+        return isinstance(json.loads(header), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def _pickle_magic(head: bytes) -> str | None:
+    """What the first bytes of a file say it is, when that is a pickle or a numpy array."""
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return f"a pickle stream (protocol {head[1]})"
+    if head.startswith(b"\x93NUMPY"):
+        return "a numpy .npy array (it can hold pickled objects)"
+    return None
 
 
 def _read_json(path: Path) -> Any:
