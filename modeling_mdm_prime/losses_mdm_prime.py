@@ -9,8 +9,9 @@ V(y_t) when ``carry_over`` is on. For a set U of digit positions,
 Every objective is built from these set marginals:
   * valid continuous-time bound: Σ_{j masked} -log p̄(y^{j} = y0^{j} | y_t)   (digits revealed one at a time)
   * discrete-time bound, one step revealing U: -log p̄(y^U = y0^U | y_t)
-  * the MDM-Prime paper objective: -log p̄(y^M = y0^M | y_t) with M all masked digits, i.e. -log p_θ(x0 | y_t)
-    with the filter. Not an upper bound on the NLL (method.md §3.4).
+  * the MDM-Prime paper objective: -log p_θ(x0 | y_t), the softmax over V(y_t) with ``carry_over`` (equal to
+    -log p̄(y^M = y0^M | y_t), M the masked digits) and over all C tokens without. Not an upper bound on the
+    NLL (method.md §3.4).
 
 The set marginals come from :func:`superset_logsumexp`, which needs about one pass over the (N, C) logits for
 all 2^ℓ digit sets at once: no (N, C, ℓ) tensor and no dense (N, C) filter is materialised.
@@ -225,15 +226,19 @@ def diffusion_terms(
     Returns:
         ``(valid, prime)``, each ``(N,)`` float32 in nats:
         ``valid = Σ_{j masked} -log p̄(y^j = y0^j | y_t)`` (valid-bound integrand, method.md §3.4) and
-        ``prime = -log p̄(y^M = y0^M | y_t)`` (paper objective integrand). Both are 0 for a fully
-        revealed token and equal for ℓ = 1.
+        ``prime = -log p_θ(x0 | y_t)`` (paper objective integrand, method.md §3.4; the softmax over V(y_t)
+        with ``carry_over``, over all C tokens without). Both are 0 for a fully revealed token with
+        ``carry_over`` and equal for ℓ = 1.
     """
     if codec.num_sub_tokens == 1:
         # One digit: a masked token's terms are both the cross-entropy; a revealed one is carried over.
         nll = F.cross_entropy(logits.float(), targets, reduction="none") * masked[:, 0]
         return nll, nll
     singles = masked.long() << torch.arange(codec.num_sub_tokens, device=masked.device)  # (N, ℓ)
-    queries = torch.cat([singles, codec.digits_to_bits(masked).unsqueeze(1)], dim=1)  # (N, ℓ + 1)
+    # The paper term asks for every digit: x0 itself, normalised over V(y_t) with carry_over (the revealed
+    # digits then agree anyway) and over all C tokens without it.
+    everything = torch.full_like(targets, (1 << codec.num_sub_tokens) - 1).unsqueeze(1)
+    queries = torch.cat([singles, everything], dim=1)  # (N, ℓ + 1)
     log_probs = digit_set_log_probs(logits, targets, ~masked, queries, codec, carry_over)
     return -log_probs[:, :-1].sum(1), -log_probs[:, -1]
 

@@ -30,7 +30,7 @@ from .generation_mdm_prime import MDMPrimeGenerationConfig, MDMPrimeGenerationMi
 from .losses_mdm_prime import diffusion_terms, discrete_step_terms, sample_mask_counts, sample_masks
 
 # transformers 4.57 copies only the modeling file's direct relative imports into a checkpoint.
-from .sampling_mdm_prime import time_grid  # noqa: F401
+from .sampling_mdm_prime import SamplerStrategy  # noqa: F401
 from .schedules_mdm_prime import NoiseSchedule, get_noise_schedule, sample_times
 
 logger = logging.get_logger(__name__)
@@ -79,6 +79,19 @@ class MDMPrimeNLLOutput(ModelOutput):
     num_tokens: torch.LongTensor | None = None
     paper_objective: torch.FloatTensor | None = None
     paper_objective_stderr: torch.FloatTensor | None = None
+
+
+@dataclass
+class _Corruption:
+    """One draw of the forward process: ``masked`` ``(B, L, ℓ)``, the per-sequence ``weight`` ``(B,)`` of the
+    continuous-time estimators, α and t ``(B,)`` (None for the count estimator), and the discrete-time
+    step's ``reveal_probability`` ``(B,)``."""
+
+    masked: torch.Tensor
+    weight: torch.Tensor | None
+    alpha: torch.Tensor | None
+    t: torch.Tensor | None
+    reveal_probability: torch.Tensor | None = None
 
 
 def rotary_cos_sin(
@@ -238,17 +251,21 @@ class MDMPrimeModel(MDMPrimePreTrainedModel):
         noise_level: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
+        check_inputs: bool = True,
     ) -> BaseModelOutput | tuple:
         """
         Args:
             sub_ids: ``(B, L, ℓ)`` digits in ``[0, b)`` or the mask id ``b``.
             attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding. Real tokens never attend to padding.
             noise_level: ``(B,)`` masking probability ``1 - α_t``; required with ``time_conditioning``.
+            check_inputs: validate the digit range (a host synchronisation); callers that validated their
+                inputs once at an entry point (the generation loop) turn it off.
         Returns:
             ``BaseModelOutput`` with ``last_hidden_state`` ``(B, L, D)``.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        self.codec.check_sub_ids(sub_ids)
+        if check_inputs:
+            self.codec.check_sub_ids(sub_ids)
         if sub_ids.dim() != 3:
             raise ValueError(
                 f"sub_ids must have shape (batch, length, {self.codec.num_sub_tokens}), got {tuple(sub_ids.shape)}."
@@ -362,21 +379,75 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
     def _noise_level(self, alpha: torch.Tensor | None) -> torch.Tensor | None:
         return (1.0 - alpha) if self.config.time_conditioning and alpha is not None else None
 
-    def _logits_at(
+    def token_logits(
         self,
         sub_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        noise_level: torch.Tensor | None,
-        rows: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        noise_level: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        check_inputs: bool = True,
     ) -> torch.Tensor:
-        """Unfiltered logits ``(N, C)`` at the positions selected by ``rows`` ``(B, L)`` bool (all if None).
+        """The network's unfiltered token scores, differentiable (for training, distillation and RL).
 
-        The output layer is the largest matrix product at C = 50,257; fully revealed tokens need no
-        prediction, so it runs only on the selected rows.
+        Args:
+            sub_ids: ``(B, L, ℓ)`` partially masked digits (mask id = ``codec.mask_id``).
+            attention_mask: ``(B, L)``; padded positions are never attended to.
+            noise_level: ``(B,)`` masking probability ``1 - α_t``, needed only by time-conditioned models.
+            positions: optional ``(B, L)`` bool: score only these positions. The output layer is the largest
+                matrix product at C = 50,257, and fully revealed tokens need no prediction, so it then runs on
+                the selected rows only.
+            check_inputs: validate ``sub_ids`` (a host synchronisation); off for inputs validated once.
+        Returns:
+            Logits over the C real tokens in the model's dtype: ``(N, C)`` at ``positions`` in row-major order,
+            or ``(B, L, C)``. No consistency filter (see :meth:`denoise` and ``losses_mdm_prime``).
         """
-        hidden = self.model(sub_ids, attention_mask=attention_mask, noise_level=noise_level).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]) if rows is None else hidden[rows]
+        hidden = self.model(
+            sub_ids, attention_mask=attention_mask, noise_level=noise_level, check_inputs=check_inputs
+        ).last_hidden_state
+        if positions is not None:
+            return self.lm_head(hidden[positions])
         return self.lm_head(hidden)
+
+    def _corrupt(
+        self,
+        clean: torch.Tensor,
+        maskable: torch.Tensor,
+        strata: torch.Tensor,
+        schedule: NoiseSchedule,
+        generator: torch.Generator | None,
+        *,
+        timesteps: torch.Tensor | None = None,
+        time_min: float = 0.0,
+        num_steps: int | None = None,
+    ) -> _Corruption:
+        """The forward process for one Monte-Carlo sample per sequence, shared by training and the bound.
+
+        Args:
+            clean: ``(B, L, ℓ)`` clean digits; maskable: ``(B, L)`` positions that may be masked.
+            strata: ``(B,)`` low-discrepancy numbers in [0, 1) that place each sequence's sample.
+            timesteps: explicit ``(B,)`` times (continuous time); time_min: the smallest sampled time.
+            num_steps: T for the discrete-time bound.
+        Three estimators of the same bound (method.md §1, §3.4):
+
+        * count (time-independent network, continuous time): k = 1 + floor(strata · N) of the N maskable
+          elements, a uniform k-subset, weight N/k (:func:`sample_mask_counts`);
+        * continuous time: t = time_min + (1 - time_min)(1 - strata), mask with probability 1 - α_t, weight
+          ``w(t) = -α'/(1 - α)``;
+        * discrete time: step i = 1 + floor(strata · T), t = i/T, s = (i-1)/T, mask with probability 1 - α_t;
+          the caller draws the step's reveal set with ``reveal_probability``.
+        """
+        if timesteps is None and num_steps is None and not self.config.time_conditioning:
+            masked, weight = sample_mask_counts(maskable, self.codec.num_sub_tokens, strata, generator)
+            return _Corruption(masked, weight.double(), None, None)
+        if num_steps is not None:
+            step = torch.floor(strata.double() * num_steps) + 1
+            t = step / num_steps
+            reveal = schedule.reveal_probability(t, (step - 1) / num_steps)
+            alpha = schedule.alpha(t)
+            return _Corruption(sample_masks(clean.shape, alpha, maskable, generator), None, alpha, t, reveal)
+        t = timesteps if timesteps is not None else time_min + (1.0 - time_min) * (1.0 - strata.double())
+        alpha = schedule.alpha(t)
+        return _Corruption(sample_masks(clean.shape, alpha, maskable, generator), schedule.weight(t).double(), alpha, t)
 
     def forward(
         self,
@@ -416,27 +487,19 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             self.codec.check_ids(ids, "labels")
             scored = scored & ~keep
         batch = ids.shape[0]
-        clean = self.codec.encode(ids)
+        clean = self.codec.encode(ids, check=False)
         if timesteps is not None:
-            t = timesteps.to(device=ids.device, dtype=torch.float32).expand(batch)
-            if bool(((t <= 0) | (t > 1)).any()):
-                raise ValueError("timesteps must lie in (0, 1].")
-        elif self.config.time_conditioning:
-            t = TRAIN_TIME_MIN + (1 - TRAIN_TIME_MIN) * sample_times(batch, generator=generator, device=ids.device)
-        else:
-            t = None
-        if t is None:
-            strata = 1.0 - sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64)
-            masked, seq_weight = sample_mask_counts(scored, self.codec.num_sub_tokens, strata, generator)
-            alpha = None
-        else:
-            schedule = self.noise_schedule
-            alpha = schedule.alpha(t)
-            masked = sample_masks(clean.shape, alpha, scored, generator)
-            seq_weight = schedule.weight(t)
+            timesteps = torch.as_tensor(timesteps, device=ids.device, dtype=torch.float64).expand(batch)
+            if bool((~((timesteps > 0) & (timesteps <= 1))).any()):
+                raise ValueError(f"timesteps must lie in (0, 1], got {timesteps.tolist()}.")
+        strata = 1.0 - sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64)
+        noise = self._corrupt(
+            clean, scored, strata, self.noise_schedule, generator, timesteps=timesteps, time_min=TRAIN_TIME_MIN
+        )
+        masked, seq_weight = noise.masked, noise.weight.float()
         rows = masked.any(-1)
-        logits = self._logits_at(
-            clean.masked_fill(masked, self.codec.mask_id), attention_mask, self._noise_level(alpha), rows
+        logits = self.token_logits(
+            clean.masked_fill(masked, self.codec.mask_id), attention_mask, self._noise_level(noise.alpha), rows
         )
         valid, prime = diffusion_terms(logits, ids[rows], masked[rows], self.codec, self.config.carry_over)
         weight = seq_weight.unsqueeze(1).expand_as(rows)[rows]
@@ -449,7 +512,7 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             loss=loss,
             elbo=elbo.detach(),
             prime_objective=prime_objective.detach(),
-            timesteps=t,
+            timesteps=None if noise.t is None else noise.t.float(),
             num_tokens=num_tokens,
         )
         return output if return_dict else output.to_tuple()
@@ -459,37 +522,37 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         self,
         sub_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        noise_level: torch.Tensor | None = None,
+        noise_level: torch.Tensor | float | None = None,
         positions: torch.Tensor | None = None,
+        consistency_filter: bool | None = None,
     ) -> torch.Tensor:
-        """Filtered log-probabilities ``log p_θ(x | y_t)`` over the C tokens, ``(B, L, C)`` float32.
+        """Log-probabilities ``log p_θ(x | y_t)`` over the C tokens, float32, without gradients.
 
         Args:
             sub_ids: ``(B, L, ℓ)`` partially masked digits (mask id = ``codec.mask_id``).
             attention_mask: ``(B, L)``.
             noise_level: ``(B,)`` or scalar ``1 - α_t``, needed only by time-conditioned models.
             positions: optional ``(B, L)`` bool; return only these positions' rows, ``(N, C)`` in row-major
-                order (the output layer then runs on those rows only).
+                order (the output layer then runs on those rows only). Otherwise ``(B, L, C)``.
+            consistency_filter: restrict to the tokens that agree with the revealed digits (-inf elsewhere; a
+                fully revealed token is carried over with probability 1). Default: the model's ``carry_over``.
+                ``generate()`` always filters.
 
-        With ``carry_over`` every token inconsistent with the revealed digits gets -inf (a fully revealed
-        token is carried over: probability 1 on itself). Revealed digits that match no token id below C
-        raise a ValueError.
+        Revealed digits that match no token id below C raise a ValueError. For differentiable, unfiltered
+        scores use :meth:`token_logits`.
         """
-        if sub_ids.dim() != 3:
+        if not isinstance(sub_ids, torch.Tensor) or sub_ids.dim() != 3:
             raise ValueError(
-                f"sub_ids must have shape (batch, length, {self.codec.num_sub_tokens}), got {tuple(sub_ids.shape)}."
+                f"sub_ids must be a tensor of shape (batch, length, {self.codec.num_sub_tokens}), got "
+                f"{tuple(sub_ids.shape) if isinstance(sub_ids, torch.Tensor) else type(sub_ids).__name__}."
             )
         if noise_level is not None:
             noise_level = torch.as_tensor(noise_level, dtype=torch.float32, device=sub_ids.device).expand(
                 sub_ids.shape[0]
             )
-        if positions is None:
-            logits = self._logits_at(sub_ids, attention_mask, noise_level).view(*sub_ids.shape[:2], -1).float()
-            selected = sub_ids
-        else:
-            logits = self._logits_at(sub_ids, attention_mask, noise_level, positions).float()
-            selected = sub_ids[positions]
-        if self.config.carry_over:
+        logits = self.token_logits(sub_ids, attention_mask, noise_level, positions).float()
+        selected = sub_ids if positions is None else sub_ids[positions]
+        if self.config.carry_over if consistency_filter is None else consistency_filter:
             allowed = self.codec.consistency_mask(selected)
             if attention_mask is not None:  # padded slots may hold anything; they are ignored
                 real = attention_mask.bool() if positions is None else attention_mask.bool()[positions]
@@ -526,53 +589,44 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         stratification makes conservative. In continuous time the paper objective is estimated from the same
         samples and returned as ``paper_objective`` (not a bound).
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-        if num_steps is not None and num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer or None, got {num_steps}.")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+            raise ValueError(f"num_steps must be a positive integer or None, got {num_steps!r}.")
         ids, scored = self._prepare_tokens(input_ids, attention_mask)
         batch, device = ids.shape[0], ids.device
         schedule = self.noise_schedule.exact()
-        clean = self.codec.encode(ids)
+        clean = self.codec.encode(ids, check=False)
         u = torch.rand(batch, 1, generator=generator, device=device, dtype=torch.float64)
         strata = torch.remainder(u + torch.arange(num_samples, device=device) / num_samples, 1.0)  # (B, K)
         valid_samples = torch.zeros(batch, num_samples, dtype=torch.float64, device=device)
         prime_samples = torch.zeros_like(valid_samples)
-        by_count = num_steps is None and not self.config.time_conditioning
-        for k in range(num_samples):
-            if by_count:
-                masked, seq_weight = sample_mask_counts(scored, self.codec.num_sub_tokens, strata[:, k], generator)
-                alpha = None
-            elif num_steps is None:
-                t = (1.0 - strata[:, k]).float()
-                alpha = schedule.alpha(t)
-                masked, seq_weight = sample_masks(clean.shape, alpha, scored, generator), schedule.weight(t)
-            else:
-                step = torch.floor(strata[:, k] * num_steps) + 1  # uniform on {1..T}
-                t, s = (step / num_steps).float(), ((step - 1) / num_steps).float()
-                alpha = schedule.alpha(t)
-                masked = sample_masks(clean.shape, alpha, scored, generator)
-            rows = masked.any(-1)
-            logits = self._logits_at(
-                clean.masked_fill(masked, self.codec.mask_id), attention_mask, self._noise_level(alpha), rows
-            )
-            row_batch = torch.arange(batch, device=device).unsqueeze(1).expand_as(rows)[rows]
-            if num_steps is None:
-                valid, prime = diffusion_terms(logits, ids[rows], masked[rows], self.codec, self.config.carry_over)
-                weight = seq_weight.double()
-                valid_samples[:, k].index_add_(0, row_batch, valid.double())
-                prime_samples[:, k].index_add_(0, row_batch, prime.double())
-                valid_samples[:, k] *= weight
-                prime_samples[:, k] *= weight
-            else:
-                reveal_p = schedule.reveal_probability(t, s).double().view(-1, 1, 1)
-                reveal = masked & (
-                    torch.rand(masked.shape, generator=generator, device=device, dtype=torch.float64) < reveal_p
+        was_training = self.training
+        self.eval()  # a likelihood is a property of the model, not of a dropout mask
+        try:
+            for k in range(num_samples):
+                noise = self._corrupt(clean, scored, strata[:, k], schedule, generator, num_steps=num_steps)
+                masked = noise.masked
+                rows = masked.any(-1)
+                logits = self.token_logits(
+                    clean.masked_fill(masked, self.codec.mask_id), attention_mask, self._noise_level(noise.alpha), rows
                 )
-                terms = discrete_step_terms(
-                    logits, ids[rows], masked[rows], reveal[rows], self.codec, self.config.carry_over
-                )
-                valid_samples[:, k].index_add_(0, row_batch, terms.double() * num_steps)
+                row_batch = torch.arange(batch, device=device).unsqueeze(1).expand_as(rows)[rows]
+                if num_steps is None:
+                    valid, prime = diffusion_terms(logits, ids[rows], masked[rows], self.codec, self.config.carry_over)
+                    valid_samples[:, k].index_add_(0, row_batch, valid.double())
+                    prime_samples[:, k].index_add_(0, row_batch, prime.double())
+                    valid_samples[:, k] *= noise.weight
+                    prime_samples[:, k] *= noise.weight
+                else:
+                    coins = torch.rand(masked.shape, generator=generator, device=device, dtype=torch.float64)
+                    reveal = masked & (coins < noise.reveal_probability.view(-1, 1, 1))
+                    terms = discrete_step_terms(
+                        logits, ids[rows], masked[rows], reveal[rows], self.codec, self.config.carry_over
+                    )
+                    valid_samples[:, k].index_add_(0, row_batch, terms.double() * num_steps)
+        finally:
+            self.train(was_training)
 
         def mean_and_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             stderr = (

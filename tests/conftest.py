@@ -47,7 +47,7 @@ class OracleModel(MDMPrimeForMaskedDiffusion):
         super().__init__(config)
         self.sequences, self.probs = sequences, probs
 
-    def _logits_at(self, sub_ids, attention_mask, noise_level, rows=None):
+    def token_logits(self, sub_ids, attention_mask=None, noise_level=None, positions=None, check_inputs=True):
         allowed = self.codec.consistency_mask(sub_ids).double()  # (B, L, C)
         batch, length, vocab = allowed.shape
         weight = self.probs.expand(batch, -1).clone()  # (B, S)
@@ -57,7 +57,7 @@ class OracleModel(MDMPrimeForMaskedDiffusion):
         for i in range(length):
             marginals[:, i].index_add_(1, self.sequences[:, i], weight)
         logits = marginals.log().float()
-        return logits.reshape(-1, vocab) if rows is None else logits[rows]
+        return logits if positions is None else logits[positions]
 
 
 def oracle_config(vocab: int, ell: int) -> MDMPrimeConfig:

@@ -128,11 +128,10 @@ def test_batch_equals_single_prompt_generation(side, strategy):
 
 def test_different_prompts_draw_independent_noise():
     model = tiny_model(num_sub_tokens=2)
-    prompts = torch.tensor([[5, 6, 7], [5, 6, 8], [5, 6, 7]])
+    prompts = torch.tensor([[5, 6, 7], [5, 6, 8]])
     out = model.generate(prompts, max_new_tokens=16, seed=0, return_dict_in_generate=True, output_history=True)
     revealed = torch.stack([(h != model.codec.mask_id).flatten(1) for h in out.history])  # (steps, B, L·ℓ)
     assert not torch.equal(revealed[:, 0], revealed[:, 1])  # another prompt, another reveal order
-    assert torch.equal(revealed[:, 0], revealed[:, 2]) and torch.equal(out.sequences[0], out.sequences[2])
 
 
 def test_block_decoding_and_confidence():
@@ -278,12 +277,13 @@ def test_streamer_and_callback(tmp_path):
     seen = []
 
     def stop_after_three(state):
-        seen.append((state.step, state.t, state.s))
+        seen.append((state.step, float(state.t), float(state.s)))
         return state.step == 3
 
     out = model.generate(max_new_tokens=10, num_steps=10, seed=0, step_callback=stop_after_three,
                          return_dict_in_generate=True)  # fmt: skip
-    assert out.num_steps == 3 and len(seen) == 3 and seen[0][1] == 1.0
+    assert out.num_steps == 3 and [step for step, _, _ in seen] == [1, 2, 3]
+    assert [t for _, t, _ in seen] == pytest.approx([1.0, 0.9, 0.8]) and seen[-1][2] == pytest.approx(0.7)
     assert not bool((out.sequences >= len(tokenizer)).any())  # the final pass filled everything
 
 

@@ -87,13 +87,13 @@ def test_padding_does_not_change_real_positions(side, time_conditioning):
 def test_padding_and_labels_are_never_masked_or_scored():
     model = tiny_model()
     seen = {}
-    original = model._logits_at
+    original = model.token_logits
 
-    def spy(sub_ids, attention_mask, noise_level, rows=None):
-        seen["sub_ids"], seen["rows"] = sub_ids, rows
-        return original(sub_ids, attention_mask, noise_level, rows)
+    def spy(sub_ids, attention_mask=None, noise_level=None, positions=None, **kwargs):
+        seen["sub_ids"], seen["rows"] = sub_ids, positions
+        return original(sub_ids, attention_mask, noise_level, positions, **kwargs)
 
-    model._logits_at = spy
+    model.token_logits = spy
     ids = torch.randint(0, 300, (2, 12))
     mask = torch.ones_like(ids)
     mask[:, 9:] = 0

@@ -166,3 +166,58 @@ def test_auto_classes_in_process(saved):
         assert torch.allclose(
             model.denoise(sub_ids, attention_mask=mask), expected["log_probs"], atol=1e-6, equal_nan=True
         )
+
+
+PIPELINE = r"""
+import json, sys
+sys.modules["modeling_mdm_prime"] = None  # only the checkpoint's code
+import torch, transformers
+from transformers import AutoModel, AutoTokenizer, pipeline
+
+path = sys.argv[1]
+model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # 5.x reads config.json first
+# The pipeline takes the loaded model (text-generation would look for an AutoModelForCausalLM by path).
+generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+settings = dict(max_new_tokens=8, num_steps=8, do_sample=True, temperature=1.0)
+torch.manual_seed(0)
+text = generator("ROMEO:", **settings)[0]["generated_text"]
+torch.manual_seed(0)
+direct = model.generate(**tokenizer("ROMEO:", return_tensors="pt"), **settings)
+template = tokenizer("ROMEO: What light through yonder window breaks?", return_tensors="pt")["input_ids"]
+holes = torch.zeros_like(template, dtype=torch.bool)
+holes[0, 3:6] = True
+filled = model.generate(template, infill_mask=holes, seed=0)
+repeated = model.generate(**tokenizer(["ROMEO:"] * 3, return_tensors="pt"), max_new_tokens=6, seed=0)
+print(json.dumps({
+    "transformers": transformers.__version__,
+    "pipeline": text,
+    "direct": tokenizer.decode(direct[0]),
+    "infill_shape": list(filled.shape),
+    "template_shape": list(template.shape),
+    "template_kept": bool((filled[~holes] == template[~holes]).all()),
+    "distinct_repeats": len({tuple(row) for row in repeated.tolist()}),
+}))
+"""
+
+
+@pytest.mark.parametrize(("python", "version"), list(interpreters()))
+def test_pipeline_and_saved_generation_config_with_only_the_shipped_code(tmp_path, python, version):
+    """The reference checkpoint as users meet it (its generation_config.json sets max_new_tokens=64): the
+    text-generation pipeline runs diffusion sampling, infilling appends nothing, and repeated prompts in one
+    batch get distinct samples, on transformers 5.x and 4.57, with the package not importable."""
+    if python is None:
+        pytest.fail("MDM_PRIME_REQUIRE_TF4=1 but no transformers 4.57 interpreter was found")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
+    checkpoint = REPO / "checkpoints" / "mdm-prime-shakespeare-tiny"
+    result = subprocess.run(
+        [python, "-I", "-c", PIPELINE, str(checkpoint)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["transformers"].startswith(version)
+    assert report["pipeline"] == report["direct"] and report["pipeline"].startswith("ROMEO:")
+    assert report["infill_shape"] == report["template_shape"] and report["template_kept"]
+    assert report["distinct_repeats"] == 3

@@ -78,9 +78,11 @@ class SubTokenCodec:
                 f"got values in [{int(sub_ids.min())}, {int(sub_ids.max())}]."
             )
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids ``(...)`` -> digits ``(..., ℓ)``, most significant first."""
-        self.check_ids(ids, "ids")
+    def encode(self, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Token ids ``(...)`` -> digits ``(..., ℓ)``, most significant first. ``check=False`` skips the range
+        check (a host synchronisation) for ids already validated at an entry point."""
+        if check:
+            self.check_ids(ids, "ids")
         return torch.div(ids.long().unsqueeze(-1), self._places(ids.device), rounding_mode="floor") % self.base
 
     def decode(self, sub_ids: torch.Tensor) -> torch.Tensor:
@@ -106,13 +108,14 @@ class SubTokenCodec:
             self._digit_tables[device] = table
         return table
 
-    def consistency_mask(self, sub_ids: torch.Tensor) -> torch.Tensor:
+    def consistency_mask(self, sub_ids: torch.Tensor, check: bool = True) -> torch.Tensor:
         """The filter V(y): ``(..., ℓ)`` partially masked digits -> ``(..., C)`` bool.
 
         ``V(y)[x]`` is true iff every revealed digit of y equals the same digit of x. Built one digit at a
-        time, so no ``(..., C, ℓ)`` tensor is materialised.
+        time, so no ``(..., C, ℓ)`` tensor is materialised. ``check=False`` skips validating ``sub_ids``.
         """
-        self.check_sub_ids(sub_ids)
+        if check:
+            self.check_sub_ids(sub_ids)
         table = self.digit_table(sub_ids.device)
         allowed = torch.ones(*sub_ids.shape[:-1], self.vocab_size, dtype=torch.bool, device=sub_ids.device)
         for j in range(self.num_sub_tokens):

@@ -1,22 +1,45 @@
 """Sampler math for masked diffusion (method.md §3.5): time grids, counter-based random numbers, float64
-categorical draws and the per-step update rules ("strategies").
+categorical draws, and the sampling strategies.
 
-A strategy is a small object whose :meth:`SamplerStep.step` maps the current sub-tokens and the model's
-(processed) token scores to the next sub-tokens; the single generation loop in ``generation_mdm_prime.py``
-drives any of them. Plain torch: no model calls, no I/O.
+A strategy is a small scheduler-like object (in the manner of diffusers' schedulers). It owns its time grid
+and reveal probabilities, decides *without the model* which positions need the network's scores at a step
+(:meth:`SamplerStrategy.plan`), and turns those scores into the next sub-tokens (:meth:`SamplerStrategy.step`).
+The single generation loop in ``generation_mdm_prime.py`` drives any of them, and a user can pass their own
+subclass to ``generate(strategy=...)``.
+
+Strategies shipped here:
+
+* :class:`AncestralStrategy` (default, exact): the MDM-Prime ancestral sampler.
+* :class:`ConfidenceStrategy`: MaskGIT / LLaDA / Dream ordering by a confidence measure, the same expected
+  number of reveals per step as the ancestral sampler. Approximate.
+* :class:`ThresholdStrategy`: Fast-dLLM's parallel decoding: reveal everything whose confidence exceeds a
+  threshold (at least one element per row), so the number of steps adapts to the text. Approximate.
+
+Confidence is measured per *sub-token* (for ℓ = 1, per token): digit j of a position is scored by its
+marginal ``p̄(y^j | y_t) = Σ_{x: digit j of x = v} p_θ(x | y_t)``. A partially masked token is a state of
+the forward process (method.md §3.2), so a sampler may commit to a digit it is sure of (say the most
+significant one) while the rest of the token is still uncertain; a token-level measure would have to wait
+until the whole token is likely. The revealed digits always come from one joint token draw per position,
+so they agree with each other and, through the consistency filter, with the digits already revealed.
+
+Plain torch: no model calls, no I/O.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .codec_mdm_prime import SubTokenCodec
+from .schedules_mdm_prime import LinearSchedule, NoiseSchedule
 
 _MASK32 = 0xFFFFFFFF
 # Elements of a float64 (rows, C) temporary materialised at once by the categorical draw.
 _DRAW_CHUNK_ELEMENTS = 1 << 24
+TIME_GRIDS = ("uniform", "cosine")
+CONFIDENCE_MEASURES = ("probability", "margin", "entropy")
 
 
 def time_grid(num_steps: int, kind: str = "uniform", device: torch.device | str | None = None) -> torch.Tensor:
@@ -27,15 +50,23 @@ def time_grid(num_steps: int, kind: str = "uniform", device: torch.device | str 
     """
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
-    k = torch.arange(num_steps + 1, dtype=torch.float64, device=device) / num_steps
-    if kind == "uniform":
-        grid = 1.0 - k
-    elif kind == "cosine":
-        grid = torch.cos(0.5 * math.pi * k)
-    else:
-        raise ValueError(f"time_grid must be 'uniform' or 'cosine', got {kind!r}.")
-    grid[0], grid[-1] = 1.0, 0.0
-    return grid
+    return row_time_grids(torch.tensor([num_steps], device=device), kind)[0]
+
+
+def row_time_grids(num_steps: torch.Tensor, kind: str = "uniform") -> torch.Tensor:
+    """One time grid per row: ``(B,)`` step counts T_b -> ``(B, max T + 1)`` float64 times.
+
+    Row b holds ``t_{b,k}`` for k = 0..T_b (from 1 down to exactly 0) and stays at 0 after T_b.
+    """
+    if kind not in TIME_GRIDS:
+        raise ValueError(f"time_grid must be one of {TIME_GRIDS}, got {kind!r}.")
+    steps = num_steps.long().clamp(min=1).unsqueeze(1)
+    k = torch.arange(int(steps.max()) + 1, device=num_steps.device)
+    fraction = (k / steps.double()).clamp(max=1.0)
+    grid = 1.0 - fraction if kind == "uniform" else torch.cos(0.5 * math.pi * fraction)
+    # Exact end points: t = 1 is the all-masked prior, t = 0 clean (cos(π/2) is 6e-17, not 0).
+    grid[:, 0] = 1.0
+    return grid.masked_fill(k >= steps, 0.0)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +84,7 @@ def stream_keys(seed: int, stream_ids: torch.Tensor, content: torch.Tensor | Non
 
     Args:
         seed: the generation seed.
-        stream_ids: ``(B,)`` per-row stream ids (e.g. the index among ``num_return_sequences``).
+        stream_ids: ``(B,)`` per-row stream ids (e.g. ``occurrence · num_return_sequences + return index``).
         content: optional ``(B,)`` words summarising each row's own conditioning (:func:`content_words`), so
             that different prompts in one batch draw independent noise while a row's key still depends on
             nothing but that row.
@@ -70,18 +101,24 @@ def content_words(values: torch.Tensor, present: torch.Tensor, counters: torch.T
     return (terms * present).flatten(1).sum(1) & _MASK32
 
 
-def _lane(keys: torch.Tensor, step: int, counters: torch.Tensor) -> torch.Tensor:
+def occurrence_index(words: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` words -> ``(B,)`` how many earlier rows carry the same word (0 for a row's first occurrence)."""
+    same = words.unsqueeze(0) == words.unsqueeze(1)
+    return torch.tril(same, diagonal=-1).sum(1)
+
+
+def _lane(keys: torch.Tensor, step: torch.Tensor | int, counters: torch.Tensor) -> torch.Tensor:
     h = _mix32((counters & _MASK32) ^ keys)
     h = _mix32(h ^ (step & _MASK32))
     return _mix32((h + keys) & _MASK32)
 
 
-def counter_uniform(keys: torch.Tensor, step: int, counters: torch.Tensor) -> torch.Tensor:
+def counter_uniform(keys: torch.Tensor, step: int | torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """Uniform float64 numbers in [0, 1) that are a pure function of (key, step, counter).
 
     Args:
         keys: ``(B,)`` stream keys (:func:`stream_keys`).
-        step: the sampler step.
+        step: the sampler step, an int or ``(B,)`` per row.
         counters: ``(B, ...)`` non-negative int64 counters, e.g. a position's rank among its row's real tokens.
     Returns:
         ``(B, ...)`` float64 with 53 random bits, taken from two independently keyed 32-bit hash lanes.
@@ -89,27 +126,38 @@ def counter_uniform(keys: torch.Tensor, step: int, counters: torch.Tensor) -> to
     Being stateless, a row's numbers do not depend on which other rows share the batch or where padding
     sits, which is what makes batched generation equal to one-prompt-at-a-time generation.
     """
-    keys = keys.view((-1,) + (1,) * (counters.dim() - 1))
+    shape = (-1,) + (1,) * (counters.dim() - 1)
+    keys = keys.view(shape)
+    if isinstance(step, torch.Tensor):
+        step = step.long().view(shape)
     high = _lane(keys, step, counters)
     low = _lane(_mix32(keys ^ 0x9E3779B9), step, counters)
     return ((high >> 5) * (1 << 26) + (low >> 6)).double() / float(1 << 53)
 
 
 def sample_categorical(
-    log_probs: torch.Tensor, uniform: torch.Tensor, greedy: bool = False, float64: bool = True
+    log_probs: torch.Tensor,
+    uniform: torch.Tensor,
+    greedy: bool | torch.Tensor = False,
+    float64: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One draw per row from ``softmax(log_probs)``, and the drawn token's probability.
 
     Args:
         log_probs: ``(N, C)`` unnormalised log-probabilities (-inf for excluded tokens).
         uniform: ``(N,)`` float64 in [0, 1).
-        greedy: take the argmax instead.
+        greedy: take the argmax instead (a bool, or ``(N,)`` bool per row).
         float64: inverse CDF in float64 (default). ``False``: Gumbel-max in float32, as MDLM samples; a token
             whose probability is below ~2^-24 of the largest can then never be drawn, which silently lowers
             the temperature (method.md §1). Kept for comparisons.
     Returns:
         ``(N,)`` long token ids and ``(N,)`` float64 probabilities of those tokens.
     """
+    if isinstance(greedy, torch.Tensor):
+        tokens, _ = sample_categorical(log_probs, uniform, False, float64)
+        tokens = torch.where(greedy, log_probs.argmax(-1), tokens)
+        probs = torch.log_softmax(log_probs.double(), -1).gather(1, tokens.unsqueeze(1)).squeeze(1).exp()
+        return tokens, probs
     if greedy or not float64:
         if greedy:
             tokens = log_probs.argmax(-1)
@@ -135,114 +183,324 @@ def sample_categorical(
     return tokens, probs
 
 
-class SamplerStep:
-    """One reverse step ``y_t -> y_s`` of a masked-diffusion sampler, in two parts.
+def digit_marginals(log_probs: torch.Tensor, codec: SubTokenCodec) -> torch.Tensor:
+    """Per-digit marginals of token distributions: ``(N, C)`` log-probabilities -> ``(N, ℓ, b)`` probabilities.
 
-    :meth:`positions_to_score` decides, *without the model*, which positions need the network's scores this
-    step; when none do, the step reveals nothing and the generation loop skips the network (an idle step).
-    :meth:`step` then updates the sub-tokens from the scores. Arguments:
+    ``out[n, j, v] = Σ_{x : digit j of x = v} p(x)`` with ``p = softmax(log_probs[n])``, computed on the digit
+    grid (one axis per digit, codes ≥ C padded with probability 0), so no (N, C, ℓ) tensor is built.
+    """
+    n, vocab = log_probs.shape
+    ell, base = codec.num_sub_tokens, codec.base
+    inner = base ** (ell - 1)
+    first = -(-vocab // inner)
+    probs = torch.zeros(n, first * inner, dtype=torch.float64, device=log_probs.device)
+    probs[:, :vocab] = torch.softmax(log_probs.double(), -1)
+    grid = probs.view(n, first, *([base] * (ell - 1)))
+    out = torch.zeros(n, ell, base, dtype=torch.float64, device=log_probs.device)
+    for j in range(ell):
+        others = [axis for axis in range(1, ell + 1) if axis != j + 1]
+        marginal = grid.sum(dim=others) if others else grid
+        out[:, j, : marginal.shape[1]] = marginal
+    return out
 
+
+def digit_confidence(log_probs: torch.Tensor, tokens: torch.Tensor, codec: SubTokenCodec, measure: str):
+    """``(N, ℓ)`` confidence of each digit of the drawn ``tokens`` ``(N,)`` under the digit marginals.
+
+    ``probability``: ``p̄(y^j = digit_j(x̂))``; ``margin``: top-1 minus top-2 of ``p̄(y^j = ·)``; ``entropy``:
+    minus the entropy of ``p̄(y^j = ·)`` in nats. For ℓ = 1 these are Dream's / LLaDA's token-level measures.
+    """
+    marginals = digit_marginals(log_probs, codec)  # (N, ℓ, b)
+    if measure == "probability":
+        digits = codec.digit_table(tokens.device)[tokens]  # (N, ℓ)
+        return marginals.gather(2, digits.unsqueeze(-1)).squeeze(-1)
+    if measure == "margin":
+        top = marginals.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    if measure == "entropy":
+        return (marginals * torch.log(marginals.clamp(min=1e-300))).sum(-1)
+    raise ValueError(f"confidence measure must be one of {CONFIDENCE_MEASURES}, got {measure!r}.")
+
+
+@dataclass
+class SamplerStepInput:
+    """What a strategy sees at one step of the generation loop (B rows, L positions, ℓ digits).
+
+    Args:
         sub_ids: ``(B, L, ℓ)`` current digits (``codec.mask_id`` where masked).
-        updatable: ``(B, L, ℓ)`` bool, the masked digits this step may reveal.
-        rows: ``(B, L)`` bool, positions whose scores are given (a superset of ``positions_to_score``).
-        scores: ``(N, C)`` processed log-probabilities at ``rows`` (row-major order).
-        reveal_probability: ``(α_s - α_t) / (1 - α_t)``; 1 on the last step.
-        uniform: ``(B, L, ℓ + 1)`` float64 uniforms; slot 0 draws the token, slots 1..ℓ decide the digits.
-        greedy: draw argmax tokens instead of sampling.
-        float64: draw in float64 (see :func:`sample_categorical`).
-
-    Revealed digits come from one joint token draw per position, so they agree with each other and, through
-    the consistency filter, with the digits already revealed.
+        block: ``(B, L, ℓ)`` bool, the digits each row generates in its current block (masked or not).
+        updatable: ``(B, L, ℓ)`` bool, the still masked digits of ``block``: what this step may reveal.
+        step: ``(B,)`` long, each row's step index within its current block (0 = t of 1).
+        uniform: ``(B, L, ℓ + 1)`` float64 uniforms of this step; slot 0 draws the token, slots 1..ℓ are free
+            for per-digit decisions (the ancestral reveal coins).
+        greedy: ``(B,)`` bool, rows that take the argmax token instead of sampling at this step.
     """
 
-    def __init__(self, codec: SubTokenCodec):
+    sub_ids: torch.Tensor
+    block: torch.Tensor
+    updatable: torch.Tensor
+    step: torch.Tensor
+    uniform: torch.Tensor
+    greedy: torch.Tensor
+
+
+@dataclass
+class SamplerStepOutput:
+    """Result of :meth:`SamplerStrategy.step`: ``sub_ids`` ``(B, L, ℓ)`` the next digits and ``revealed``
+    ``(B, L, ℓ)`` bool, the digits this step revealed."""
+
+    sub_ids: torch.Tensor
+    revealed: torch.Tensor
+
+
+class SamplerStrategy:
+    """Base class of sampling strategies: one reverse step ``y_t -> y_s`` of a masked-diffusion sampler.
+
+    The generation loop calls, per call of ``generate()``:
+
+    1. :meth:`set_timesteps` once, with each row's number of steps per block and the model's codec and
+       (endpoint-exact) schedule;
+    2. per step: :meth:`plan` (no model) -> the ``(B, L)`` positions that need scores. If none, the step is
+       idle and the network is skipped. Otherwise the loop computes the processed, filtered log-probabilities
+       ``(N, C)`` at those positions (row-major order) and calls :meth:`step`;
+    3. :meth:`noise_level` whenever it calls the network: what a time-conditioned network is told.
+
+    A subclass implements :meth:`plan` and :meth:`step`; :meth:`reveal_probability` and :meth:`draw` are
+    there to use. ``adaptive = True`` declares that a block ends when its digits are all revealed rather than
+    after a fixed number of steps; ``exact = True`` that the sampler draws from the model's distribution.
+    Instances are copied per ``generate()`` call, so one object can serve many calls.
+    """
+
+    name = "base"
+    exact = False
+    adaptive = False
+
+    def __init__(self, time_grid: str = "uniform", float64: bool = True):
+        if time_grid not in TIME_GRIDS:
+            raise ValueError(f"time_grid must be one of {TIME_GRIDS}, got {time_grid!r}.")
+        self.time_grid = time_grid
+        self.float64 = bool(float64)
+        self.codec: SubTokenCodec | None = None
+        self.timesteps: torch.Tensor | None = None
+        self.alphas: torch.Tensor | None = None
+        self.steps_per_block: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if isinstance(v, (int, float, str, bool)))
+        return f"{type(self).__name__}({fields})"
+
+    def set_timesteps(
+        self, steps_per_block: torch.Tensor, codec: SubTokenCodec, schedule: NoiseSchedule | None = None
+    ) -> None:
+        """Per-row time grids ``timesteps`` ``(B, S + 1)`` and ``alphas = α(timesteps)`` (float64).
+
+        Args:
+            steps_per_block: ``(B,)`` steps each row spends on each of its blocks.
+            codec: the model's sub-token codec.
+            schedule: the masking schedule; its endpoint-exact version is used (α(1) = 0, α(0) = 1).
+        """
+        schedule = (schedule or LinearSchedule()).exact()
         self.codec = codec
+        self.steps_per_block = steps_per_block.long()
+        self.timesteps = row_time_grids(self.steps_per_block, self.time_grid)
+        alphas = schedule.alpha(self.timesteps).double()
+        self.alphas = torch.where(self.timesteps == 1.0, 0.0, torch.where(self.timesteps == 0.0, 1.0, alphas))
 
-    def positions_to_score(self, updatable, reveal_probability, uniform) -> torch.Tensor:
+    def times(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B,)`` times t (now) and s (after the step) of each row's current step."""
+        last = self.timesteps.shape[1] - 1
+        t = self.timesteps.gather(1, step.clamp(max=last).unsqueeze(1)).squeeze(1)
+        s = self.timesteps.gather(1, (step + 1).clamp(max=last).unsqueeze(1)).squeeze(1)
+        return t, s
+
+    def reveal_probability(self, step: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` float64 ``(α_s - α_t) / (1 - α_t)``: the probability that a masked element is revealed by
+        each row's current step; exactly 1 on a block's last step."""
+        last = self.alphas.shape[1] - 1
+        alpha_t = self.alphas.gather(1, step.clamp(max=last).unsqueeze(1)).squeeze(1)
+        alpha_s = self.alphas.gather(1, (step + 1).clamp(max=last).unsqueeze(1)).squeeze(1)
+        p = ((alpha_s - alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
+        return torch.where(step + 1 >= self.steps_per_block, torch.ones_like(p), p)
+
+    def noise_level(self, state: SamplerStepInput) -> torch.Tensor:
+        """``(B,)`` the masking probability ``1 - α_t`` of each row now (for time-conditioned networks)."""
+        last = self.alphas.shape[1] - 1
+        return 1.0 - self.alphas.gather(1, state.step.clamp(max=last).unsqueeze(1)).squeeze(1)
+
+    def plan(self, state: SamplerStepInput) -> torch.Tensor:
+        """``(B, L)`` bool: positions whose scores this step needs, decided without the model."""
         raise NotImplementedError
 
-    def step(self, sub_ids, updatable, rows, scores, reveal_probability, uniform, greedy=False, float64=True):
+    def step(self, scores: torch.Tensor, scored: torch.Tensor, state: SamplerStepInput) -> SamplerStepOutput:
+        """Reveal digits from ``scores`` ``(N, C)``, the processed log-probabilities at ``scored`` ``(B, L)``
+        (a superset of :meth:`plan`'s positions, row-major order)."""
         raise NotImplementedError
 
-    def _draw(self, scores, rows, uniform, greedy, float64):
-        """``(B, L)`` drawn tokens (0 where not scored) and their probabilities (0 where not scored)."""
-        tokens, probs = sample_categorical(scores, uniform[..., 0][rows], greedy, float64)
-        picked = torch.zeros(rows.shape, dtype=torch.long, device=rows.device)
-        picked[rows] = tokens
-        confidence = torch.zeros(rows.shape, dtype=torch.float64, device=rows.device)
-        confidence[rows] = probs
-        return picked, confidence
+    def draw(
+        self, scores: torch.Tensor, scored: torch.Tensor, state: SamplerStepInput, where: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per scored position: ``(B, L)`` drawn tokens (0 elsewhere) and ``(N,)`` their row's index
+        into ``scores``. ``where`` ``(B, L)`` limits the draws to a subset of ``scored``."""
+        where = scored if where is None else where & scored
+        keep = where[scored]
+        row_of = torch.arange(scored.shape[0], device=scored.device).unsqueeze(1).expand_as(scored)[where]
+        tokens, _ = sample_categorical(scores[keep], state.uniform[..., 0][where], state.greedy[row_of], self.float64)
+        picked = torch.zeros(scored.shape, dtype=torch.long, device=scored.device)
+        picked[where] = tokens
+        return picked, keep
+
+    def reveal(self, state: SamplerStepInput, tokens: torch.Tensor, revealed: torch.Tensor) -> SamplerStepOutput:
+        """Write the digits of ``tokens`` ``(B, L)`` where ``revealed`` ``(B, L, ℓ)`` (a subset of updatable)."""
+        revealed = revealed & state.updatable
+        digits = self.codec.digit_table(tokens.device)[tokens]
+        return SamplerStepOutput(torch.where(revealed, digits, state.sub_ids), revealed)
 
 
-class AncestralStep(SamplerStep):
-    """The MDM-Prime ancestral sampler: draw ``x̂ ~ p_θ(· | y_t)`` per position and reveal each masked digit
-    of ``encode(x̂)`` independently with probability ``(α_s - α_t) / (1 - α_t)`` (method.md §3.5).
+class AncestralStrategy(SamplerStrategy):
+    """The MDM-Prime ancestral sampler (exact): draw ``x̂ ~ p_θ(· | y_t)`` per position and reveal each
+    masked digit of ``encode(x̂)`` independently with probability ``(α_s - α_t) / (1 - α_t)`` (method.md §3.5).
 
-    Which digits are revealed does not depend on x̂, so it is decided first and x̂ is drawn only where a
-    digit is revealed.
+    Which digits are revealed does not depend on x̂, so :meth:`plan` decides it first (from the reveal coins,
+    uniform slots 1..ℓ) and x̂ is drawn only where a digit is revealed; a step that reveals nothing is idle.
     """
 
     name = "ancestral"
+    exact = True
 
-    def _reveal(self, updatable, reveal_probability, uniform):
-        return updatable & (uniform[..., 1:] < reveal_probability)
+    def _coins(self, state: SamplerStepInput) -> torch.Tensor:
+        p = self.reveal_probability(state.step).view(-1, 1, 1)
+        return state.updatable & (state.uniform[..., 1:] < p)
 
-    def positions_to_score(self, updatable, reveal_probability, uniform):
-        return self._reveal(updatable, reveal_probability, uniform).any(-1)
+    def plan(self, state):
+        return self._coins(state).any(-1)
 
-    def step(self, sub_ids, updatable, rows, scores, reveal_probability, uniform, greedy=False, float64=True):
-        reveal = self._reveal(updatable, reveal_probability, uniform)
-        drawn = reveal.any(-1)
-        keep = drawn[rows]  # draw only where something is revealed, even if more rows were scored
-        tokens, _ = self._draw(scores[keep], drawn, uniform, greedy, float64)
-        return torch.where(reveal, self.codec.encode(tokens), sub_ids)
+    def step(self, scores, scored, state):
+        revealed = self._coins(state)
+        tokens, _ = self.draw(scores, scored, state, where=revealed.any(-1))
+        return self.reveal(state, tokens, revealed)
 
 
-class ConfidenceStep(SamplerStep):
-    """Confidence-ordered unmasking (MaskGIT / LLaDA style) at the sub-token level.
+class ConfidenceStrategy(SamplerStrategy):
+    """Confidence-ordered unmasking (MaskGIT, LLaDA's low-confidence remasking, Dream's ``maskgit_plus`` /
+    ``topk_margin`` / ``entropy``), at the sub-token level. Approximate: the revealed set depends on the scores.
 
-    Reveals ``round(n · (α_s - α_t) / (1 - α_t))`` of a row's n updatable digits, the same expected number
-    as the ancestral sampler, choosing those whose position's drawn token is most probable (ties: earlier
-    position, then more significant digit).
+    Each step reveals ``round(n · (α_s - α_t) / (1 - α_t))`` of a row's n updatable digits (the ancestral
+    sampler's expected number, so the step budget means the same), choosing the most confident digits of the
+    drawn tokens (ties: earlier position, then the more significant digit).
+
+    Args:
+        measure: ``"probability"`` (of the drawn digit), ``"margin"`` (top-1 minus top-2) or ``"entropy"``
+            (negative entropy), each of the digit's marginal (see :func:`digit_confidence`).
     """
 
     name = "confidence"
 
-    def _quota(self, updatable, reveal_probability):
-        count = updatable.flatten(1).sum(1)
-        return torch.floor(count.double() * reveal_probability + 0.5).long()
+    def __init__(self, measure: str = "probability", time_grid: str = "uniform", float64: bool = True):
+        super().__init__(time_grid, float64)
+        if measure not in CONFIDENCE_MEASURES:
+            raise ValueError(f"confidence measure must be one of {CONFIDENCE_MEASURES}, got {measure!r}.")
+        self.measure = measure
 
-    def positions_to_score(self, updatable, reveal_probability, uniform):
-        return updatable.any(-1) & (self._quota(updatable, reveal_probability) > 0).unsqueeze(1)
+    def _quota(self, state):
+        count = state.updatable.flatten(1).sum(1)
+        return torch.floor(count.double() * self.reveal_probability(state.step) + 0.5).long()
 
-    def step(self, sub_ids, updatable, rows, scores, reveal_probability, uniform, greedy=False, float64=True):
-        tokens, confidence = self._draw(scores, rows, uniform, greedy, float64)
-        batch = sub_ids.shape[0]
-        quota = self._quota(updatable, reveal_probability)
-        score = confidence.unsqueeze(-1).expand_as(updatable).masked_fill(~updatable, -1.0).reshape(batch, -1)
-        order = torch.argsort(score, dim=1, descending=True, stable=True)
+    def plan(self, state):
+        return state.updatable.any(-1) & (self._quota(state) > 0).unsqueeze(1)
+
+    def _confidence(self, scores, scored, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, L)`` drawn tokens and ``(B, L, ℓ)`` digit confidences (-inf where not updatable)."""
+        tokens, keep = self.draw(scores, scored, state)
+        confidence = torch.full(state.updatable.shape, -math.inf, dtype=torch.float64, device=scores.device)
+        confidence[scored] = digit_confidence(scores[keep], tokens[scored], self.codec, self.measure)
+        return tokens, confidence.masked_fill(~state.updatable, -math.inf)
+
+    def step(self, scores, scored, state):
+        tokens, confidence = self._confidence(scores, scored, state)
+        batch = confidence.shape[0]
+        order = torch.argsort(confidence.reshape(batch, -1), dim=1, descending=True, stable=True)
         positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
         rank = torch.empty_like(order).scatter_(1, order, positions)
-        reveal = (rank < quota.unsqueeze(1)).view_as(updatable) & updatable
-        return torch.where(reveal, self.codec.encode(tokens), sub_ids)
+        revealed = rank.view_as(state.updatable) < self._quota(state).view(-1, 1, 1)
+        return self.reveal(state, tokens, revealed)
 
 
-STRATEGIES = {cls.name: cls for cls in (AncestralStep, ConfidenceStep)}
+class ThresholdStrategy(ConfidenceStrategy):
+    """Fast-dLLM's threshold parallel decoding, at the sub-token level. Approximate.
+
+    Every step scores all of a row's current block and reveals each updatable digit whose confidence exceeds
+    ``threshold``; if none does, the row's single most confident digit. Each step therefore makes progress,
+    and a block ends when it is fully revealed (``adaptive``): confident text takes few steps, hard text many.
+    ``num_steps`` and the time grid are not used; a time-conditioned network is told the block's masked
+    fraction as its noise level. Per-row network calls are reported as ``row_nfe``.
+
+    Args:
+        threshold: confidence above which a digit is revealed (a probability for ``probability`` and
+            ``margin``, a negative entropy in nats for ``entropy``).
+        measure: see :class:`ConfidenceStrategy`.
+    """
+
+    name = "threshold"
+    adaptive = True
+
+    def __init__(self, threshold: float = 0.9, measure: str = "probability", float64: bool = True):
+        super().__init__(measure, "uniform", float64)
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or math.isnan(threshold):
+            raise ValueError(f"threshold must be a number, got {threshold!r}.")
+        self.threshold = float(threshold)
+
+    def noise_level(self, state):
+        masked = state.updatable.flatten(1).sum(1).double()
+        return masked / state.block.flatten(1).sum(1).clamp(min=1).double()
+
+    def plan(self, state):
+        return state.updatable.any(-1)
+
+    def step(self, scores, scored, state):
+        tokens, confidence = self._confidence(scores, scored, state)
+        batch = confidence.shape[0]
+        flat = confidence.reshape(batch, -1)
+        best = torch.zeros_like(flat, dtype=torch.bool)
+        best.scatter_(1, flat.argmax(1, keepdim=True), True)  # argmax takes the first maximum: earliest digit
+        revealed = (flat > self.threshold) | (best & state.updatable.reshape(batch, -1).any(1, keepdim=True))
+        return self.reveal(state, tokens, revealed.view_as(state.updatable))
 
 
-def get_sampler_step(name: str, codec: SubTokenCodec) -> SamplerStep:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}.")
-    return STRATEGIES[name](codec)
+STRATEGIES = {cls.name: cls for cls in (AncestralStrategy, ConfidenceStrategy, ThresholdStrategy)}
+
+
+def get_sampler_strategy(
+    name: str,
+    *,
+    time_grid: str = "uniform",
+    float64: bool = True,
+    confidence_measure: str = "probability",
+    threshold: float = 0.9,
+) -> SamplerStrategy:
+    """Build a shipped strategy by name (``ancestral``, ``confidence``, ``threshold``) from generation settings."""
+    if name == "ancestral":
+        return AncestralStrategy(time_grid, float64)
+    if name == "confidence":
+        return ConfidenceStrategy(confidence_measure, time_grid, float64)
+    if name == "threshold":
+        return ThresholdStrategy(threshold, confidence_measure, float64)
+    raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)} or a SamplerStrategy.")
 
 
 __all__ = [
-    "AncestralStep",
-    "ConfidenceStep",
-    "SamplerStep",
+    "AncestralStrategy",
+    "ConfidenceStrategy",
+    "SamplerStepInput",
+    "SamplerStepOutput",
+    "SamplerStrategy",
+    "ThresholdStrategy",
     "content_words",
     "counter_uniform",
-    "get_sampler_step",
+    "digit_confidence",
+    "digit_marginals",
+    "get_sampler_strategy",
+    "occurrence_index",
+    "row_time_grids",
     "sample_categorical",
     "stream_keys",
     "time_grid",
