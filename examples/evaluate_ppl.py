@@ -33,15 +33,22 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain import BUNDLED_CORPUS, PretrainConfig, load_corpus, read_documents, tokenize_blocks  # noqa: E402
+from modeling_mdm_prime.data import (
+    BUNDLED_CORPUS,
+    DataConfig,
+    describe_split,
+    load_corpus,
+    read_documents,
+    tokenize_blocks,
+)
 
 logger = get_logger("evaluate_ppl")
 
 
 @dataclass
 class Corpus:
-    """One evaluation corpus: local files (json/jsonl/txt, optionally .xz/.gz) or a ``load_dataset`` name."""
+    """One evaluation corpus: local files (json/jsonl: one document per record; txt: one document per file;
+    optionally .xz/.gz) or a ``load_dataset`` name, read at ``split`` (local files are scored whole)."""
 
     name: str
     path: str
@@ -97,7 +104,7 @@ def load_suite(cfg: EvalConfig) -> list[Corpus]:
 def load_documents(corpus: Corpus):
     """The corpus as a dataset with one ``text`` column."""
     if corpus.pretrain_holdout:
-        settings = PretrainConfig(
+        settings = DataConfig(
             dataset=corpus.path,
             text_column=corpus.text_column,
             validation_documents=corpus.validation_documents,
@@ -135,7 +142,7 @@ def evaluate_corpus(accelerator, model, tokenizer, corpus: Corpus, cfg: EvalConf
     seq_len = cfg.seq_len or model.config.max_position_embeddings
     with accelerator.main_process_first():  # one process builds the datasets cache, the others read it
         documents = load_documents(corpus)
-        packed = tokenize_blocks(documents, tokenizer, PretrainConfig(seq_len=seq_len, packing=True))
+        packed = tokenize_blocks(documents, tokenizer, DataConfig(seq_len=seq_len, packing=True))
     if len(packed) == 0:
         raise ValueError(f"{corpus.name}: fewer than seq_len={seq_len} tokens, so no block to score.")
     blocks = packed[: cfg.max_blocks or len(packed)]["input_ids"]
@@ -144,7 +151,9 @@ def evaluate_corpus(accelerator, model, tokenizer, corpus: Corpus, cfg: EvalConf
     paper = sums["paper"] / sums["tokens"]
     return {
         "dataset": corpus.name,
-        "split": "pretrain held-out documents" if corpus.pretrain_holdout else corpus.split,
+        "split": "pretrain held-out documents"
+        if corpus.pretrain_holdout
+        else describe_split(corpus.path, corpus.split),
         "num_tokens": int(sums["tokens"]),
         "num_blocks": len(blocks),
         "seq_len": seq_len,

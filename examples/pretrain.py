@@ -7,13 +7,12 @@ domain), in about 5-10 minutes on 2 CPU cores, and leaves a checkpoint that load
     python examples/pretrain.py                                        # the embedded default
     python examples/pretrain.py --num_sub_tokens 4 --max_steps 20000   # flags, or one JSON/YAML config file
     accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py --tokenizer gpt2-tokenizer-dir
-    python examples/pretrain.py --resume_from_checkpoint latest        # exact resume
+    python examples/pretrain.py --resume_from_checkpoint latest        # exact resume, or an error saying why not
 
-Data: local text / JSON(L) files (compressed too) or any ``datasets.load_dataset`` name, a fast tokenizer (any
-Hugging Face tokenizer, or a byte-level BPE trained on the corpus), documents wrapped with BOS/EOS and packed
-into fixed-length blocks (as MDLM does) or padded one per row, a held-out split of whole documents, and
-streaming for corpora larger than memory. Validation reports the valid-bound perplexity (the paper
-objective is logged beside it, labelled).
+The corpus, tokenizer and packing code is in ``modeling_mdm_prime.data``. Checkpoints hold accelerate's model,
+optimizer and RNG files plus this script's own state as JSON and safetensors (scheduler, EMA, settings); resuming
+never unpickles anything beyond tensors (``torch.load(weights_only=True)``) and refuses what would not continue
+the run exactly unless ``--allow_inexact_resume`` / ``--allow_changed_settings`` say otherwise.
 """
 
 from __future__ import annotations
@@ -22,82 +21,108 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
-from itertools import chain
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker, on_main_process
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from datasets import load_dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, set_seed
+from accelerate.utils import load as accelerate_load
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast, get_scheduler
+from transformers import HfArgumentParser, get_scheduler
 
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion, make_tokenizer_portable
+from modeling_mdm_prime.data import (  # noqa: F401 - re-exported for scripts that import them from here
+    BUNDLED_CORPUS,
+    DataConfig,
+    build_tokenizer,
+    load_corpus,
+    read_documents,
+    tokenize_blocks,
+)
 
 logger = get_logger("pretrain")
-BUNDLED_CORPUS = Path(__file__).resolve().parent / "data" / "shakespeare_plays.jsonl.xz"
+STATE_FILE, EMA_FILE = "trainer_state.json", "ema.safetensors"  # the script's own state: JSON and safetensors
+MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.bin"  # accelerate's
+STATE_FORMAT = 2
+# Settings that do not change the trained weights: they may differ between a run and its resumption.
+NEUTRAL_SETTINGS = {
+    "output_dir", "resume_from_checkpoint", "stop_after_steps", "report_to", "log_every", "eval_every", "eval_blocks",
+    "eval_time_samples", "checkpoint_every", "keep_checkpoints", "num_samples", "sample_tokens",
+    "allow_inexact_resume", "allow_changed_settings", "overwrite_output_dir",
+}  # fmt: skip
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass
-class PretrainConfig:
-    # data
-    dataset: str = str(BUNDLED_CORPUS)  # local file(s), comma-separated, or a load_dataset name
-    dataset_config: str | None = None
-    text_column: str = "text"
-    validation_documents: float = 0.05  # fraction (or count, if >= 1) of documents held out
-    max_documents: int | None = None  # use only the first N documents (quick runs)
-    streaming: bool = False
-    tokenizer: str = "bpe"  # "bpe": train a byte-level BPE on the corpus; else a tokenizer path or name
-    bpe_vocab_size: int = 1024
-    seq_len: int = 128
-    packing: bool = True  # pack BOS doc EOS ... into blocks; False: one document per row, padded
+class PretrainConfig(DataConfig):
+    """Every setting of a pretraining run (the data settings come from :class:`DataConfig`)."""
+
     # model
-    num_sub_tokens: int = 2
-    hidden_size: int = 192
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    intermediate_size: int = 768
-    dropout: float = 0.0
-    time_conditioning: bool = False
-    loss_type: str = "elbo"  # "elbo" (valid bound) or "prime" (the paper objective, not a bound)
+    num_sub_tokens: int = _help("ℓ, sub-tokens per token (1 = MD4/MDLM)", 2)
+    hidden_size: int = _help("transformer width", 192)
+    num_hidden_layers: int = _help("transformer blocks", 4)
+    num_attention_heads: int = _help("attention heads", 4)
+    intermediate_size: int = _help("MLP width", 768)
+    dropout: float = _help("dropout probability", 0.0)
+    time_conditioning: bool = _help("condition the network on t (adaLN-Zero)", False)
+    loss_type: str = _help("'elbo' (the valid bound) or 'prime' (the paper objective, not a bound)", "elbo")
     # optimisation
-    batch_size: int = 16  # per process
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"  # any transformers.get_scheduler name, e.g. "constant_with_warmup"
-    warmup_steps: int = 100
-    max_steps: int = 1500
-    max_grad_norm: float = 1.0
-    ema_decay: float = 0.999  # 0 disables EMA
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate)
-    cpu: bool = False
+    batch_size: int = _help("sequences per process and micro-batch", 16)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
+    learning_rate: float = _help("peak AdamW learning rate", 2e-3)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    lr_scheduler: str = _help("any transformers.get_scheduler name, e.g. 'constant_with_warmup'", "cosine")
+    warmup_steps: int = _help("linear warm-up steps", 100)
+    max_steps: int = _help("optimizer steps in the whole run", 1500)
+    max_grad_norm: float = _help("gradient clipping norm", 1.0)
+    ema_decay: float = _help("EMA decay of the weights used for validation and saving; 0 disables EMA", 0.999)
+    mixed_precision: str = _help("'no', 'bf16' or 'fp16' (accelerate)", "no")
+    cpu: bool = _help("run on CPU even when a GPU is present (also makes CPU DDP launches work)", False)
     # bookkeeping
-    output_dir: str = "outputs/pretrain"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
-    stop_after_steps: int | None = None  # leave after this many steps in this run (time-limited jobs); resumable
-    eval_every: int = 500
-    eval_blocks: int = 64
-    eval_time_samples: int = 4
-    log_every: int = 10
-    report_to: str = "jsonl,tensorboard"  # trackers; unavailable ones are skipped with a warning
-    num_samples: int = 3
-    sample_tokens: int = 64
-    seed: int = 0
+    output_dir: str = _help("checkpoints/, logs/ and final/ are written here", "outputs/pretrain")
+    overwrite_output_dir: bool = _help("start afresh in an output_dir that already holds checkpoints", False)
+    checkpoint_every: int = _help("save a resumable checkpoint every N steps", 500)
+    keep_checkpoints: int = _help("keep only the newest N checkpoints", 2)
+    resume_from_checkpoint: str | None = _help("'latest' or a checkpoint directory", None)
+    allow_inexact_resume: bool = _help(
+        "resume even when the run cannot continue exactly (lost random states, EMA of an old checkpoint)", False
+    )
+    allow_changed_settings: str = _help(
+        "comma-separated settings that may differ from the checkpoint's on resume (or 'all')", ""
+    )
+    stop_after_steps: int | None = _help("leave after N steps of this run (time-limited jobs); resumable", None)
+    eval_every: int = _help("held-out valid-bound evaluation every N steps", 500)
+    eval_blocks: int = _help("held-out blocks scored at each evaluation", 64)
+    eval_time_samples: int = _help("Monte-Carlo time samples per held-out block", 4)
+    log_every: int = _help("log training metrics every N steps", 10)
+    report_to: str = _help(
+        "trackers, comma-separated; unavailable ones are skipped with a warning", "jsonl,tensorboard"
+    )
+    num_samples: int = _help("unconditional samples written with the final model", 3)
+    sample_tokens: int = _help("length of those samples", 64)
+
+
+# -- logging ---------------------------------------------------------------------------------------------------------
 
 
 class JSONLTracker(GeneralTracker):
-    """An accelerate tracker that appends every logged dict to ``<logging_dir>/metrics.jsonl``."""
+    """An accelerate tracker that appends every logged dict to ``<logging_dir>/metrics.jsonl``. The settings go
+    to ``config.json``, written by :func:`record_settings` (which keeps the first run's and lists resumes)."""
 
     name = "jsonl"
     requires_logging_directory = True
@@ -109,21 +134,96 @@ class JSONLTracker(GeneralTracker):
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @property
-    def tracker(self):
+    def tracker(self) -> Path:
         return self.path
 
-    @on_main_process
-    def store_init_configuration(self, values: dict):
-        (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
+    def store_init_configuration(self, values: dict) -> None:
+        """Nothing: :func:`record_settings` writes ``config.json``."""
 
     @on_main_process
-    def log(self, values: dict, step: int | None = None, **kwargs):
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def record_settings(log_dir: Path, settings: dict, resume: dict | None) -> None:
+    """``config.json``: a fresh run writes its settings (and a fresh ``metrics.jsonl``); a resume keeps the first
+    run's settings, appends itself to ``resumes`` and drops the metrics logged after the checkpoint's step, so
+    the repeated steps are not logged twice."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    config, metrics = log_dir / "config.json", log_dir / "metrics.jsonl"
+    if resume is None or not config.is_file():
+        write_atomic(config, json.dumps({**settings, "resumes": []}, indent=2, default=str))
+        if resume is None:
+            metrics.unlink(missing_ok=True)
+    if resume is None:
+        return
+    saved = json.loads(config.read_text())
+    saved.setdefault("resumes", []).append(resume)
+    write_atomic(config, json.dumps(saved, indent=2, default=str))
+    if metrics.is_file():
+        rows = map(_json_or_none, metrics.read_text().splitlines())
+        kept = [row for row in rows if row is not None and row["step"] <= resume["step"]]
+        write_atomic(metrics, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def _json_or_none(line: str) -> dict | None:
+    """A metrics line, or None for a line a killed run left half-written."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
+def _available_trackers(requested: list) -> list:
+    """Keep the trackers whose packages are installed (the JSONL one always is)."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    kept = []
+    for tracker in requested:
+        if isinstance(tracker, str) and not available.get(tracker, True):
+            print(f"tracker {tracker!r} is not installed; skipping it", file=sys.stderr)
+            continue
+        kept.append(tracker)
+    return kept
+
+
+# -- model and EMA ---------------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: PretrainConfig, tokenizer) -> MDMPrimeForMaskedDiffusion:
+    """A fresh model sized by ``cfg`` over the tokenizer's vocabulary."""
+    config = MDMPrimeConfig(
+        vocab_size=len(tokenizer),
+        num_sub_tokens=cfg.num_sub_tokens,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.seq_len,
+        dropout=cfg.dropout,
+        time_conditioning=cfg.time_conditioning,
+        loss_type=cfg.loss_type,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return MDMPrimeForMaskedDiffusion(config)
+
+
 class EMA:
-    """Exponential moving average of the parameters, with the usual warm-up ``min(decay, (1+n)/(10+n))``."""
+    """Exponential moving average of the parameters, with the usual warm-up ``min(decay, (1+n)/(10+n))``.
+
+    Saved as safetensors (:meth:`save`, :meth:`load`), never pickled."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay, self.updates = decay, 0
@@ -150,122 +250,28 @@ class EMA:
                 for name, param in model.named_parameters():
                     param.copy_(saved[name])
 
-    def state_dict(self) -> dict:
-        return {"updates": self.updates, "shadow": self.shadow}
+    def save(self, path: Path) -> None:
+        tensors = {name: value.detach().cpu().contiguous() for name, value in self.shadow.items()}
+        save_file(tensors, str(path), metadata={"updates": str(self.updates), "decay": repr(self.decay)})
 
-    def load_state_dict(self, state: dict) -> None:
-        self.updates = state["updates"]
-        for name, value in state["shadow"].items():
+    def load(self, path: Path) -> None:
+        """Raises ValueError naming the file when it is unreadable or does not fit the model."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                updates = int((f.metadata() or {}).get("updates", "x"))
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            tensors = load_file(str(path))
+        except (SafetensorError, ValueError, OSError) as error:
+            raise ValueError(f"{path}: not a readable EMA file ({error}).") from error
+        expected = {name: tuple(value.shape) for name, value in self.shadow.items()}
+        if shapes != expected:
+            raise ValueError(f"{path}: {_shape_difference(shapes, expected)}")
+        self.updates = updates
+        for name, value in tensors.items():
             self.shadow[name].copy_(value)
 
 
-def read_documents(
-    dataset: str, config: str | None = None, split: str = "train", text_column: str = "text", streaming: bool = False
-):
-    """Local text/JSON(L) files (comma-separated, compressed too) or a ``load_dataset`` name, as a dataset of
-    documents with one ``text`` column."""
-    files = [f for f in dataset.split(",") if f]
-    if all(Path(f).exists() for f in files):
-        suffixes = {s for f in files for s in Path(f).suffixes}
-        builder = "json" if suffixes & {".json", ".jsonl"} else "text"
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        data = load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
-    else:
-        data = load_dataset(dataset, config, split=split, streaming=streaming)
-    if data.column_names is not None and text_column not in data.column_names:
-        raise ValueError(f"{dataset}: no column {text_column!r}; columns are {data.column_names}.")
-    if text_column != "text":
-        data = data.rename_column(text_column, "text")
-    return data.select_columns(["text"])
-
-
-def load_corpus(cfg: PretrainConfig):
-    """(train, validation) datasets of documents with a ``text`` column."""
-    data = read_documents(cfg.dataset, cfg.dataset_config, "train", cfg.text_column, cfg.streaming)
-    if cfg.max_documents:
-        data = data.take(cfg.max_documents) if cfg.streaming else data.select(range(cfg.max_documents))
-    if cfg.streaming:  # a stream has no length: hold out the first N documents, or every k-th for a fraction
-        if cfg.validation_documents >= 1:
-            held = int(cfg.validation_documents)
-            return data.skip(held), data.take(held)
-        every = max(2, round(1 / cfg.validation_documents))
-        return (
-            data.filter(lambda _, i: i % every != 0, with_indices=True),
-            data.filter(lambda _, i: i % every == 0, with_indices=True),
-        )
-    held = cfg.validation_documents
-    split = data.train_test_split(test_size=int(held) if held >= 1 else held, seed=cfg.seed)
-    return split["train"], split["test"]
-
-
-def build_tokenizer(cfg: PretrainConfig, train) -> PreTrainedTokenizerFast:
-    if cfg.tokenizer != "bpe":
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-        if not tokenizer.is_fast:
-            raise ValueError(f"{cfg.tokenizer} is not a fast tokenizer; pass a tokenizer.json-based one.")
-        if tokenizer.eos_token is None:
-            raise ValueError(f"{cfg.tokenizer} has no EOS token, which packing needs between documents.")
-        tokenizer.bos_token = tokenizer.bos_token or tokenizer.eos_token
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-        return tokenizer
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.bpe_vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator((row["text"] for row in train), trainer=trainer)
-    special = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=special, eos_token=special, pad_token=special)
-
-
-def tokenize_blocks(data, tokenizer: PreTrainedTokenizerFast, cfg: PretrainConfig):
-    """Documents -> fixed-length rows. Packing (MDLM's wrap): BOS doc EOS BOS doc EOS ... cut into blocks of
-    ``seq_len``, every position real. Otherwise each document is one row, truncated and right-padded."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-
-    def pack(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        stream = list(chain.from_iterable([bos, *doc, eos] for doc in ids))
-        usable = len(stream) // cfg.seq_len * cfg.seq_len
-        blocks = [stream[i : i + cfg.seq_len] for i in range(0, usable, cfg.seq_len)]
-        return {"input_ids": blocks, "attention_mask": [[1] * cfg.seq_len for _ in blocks]}
-
-    def pad(batch):
-        rows = [
-            [bos, *doc[: cfg.seq_len - 2], eos]
-            for doc in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        ]
-        return {
-            "input_ids": [row + [tokenizer.pad_token_id] * (cfg.seq_len - len(row)) for row in rows],
-            "attention_mask": [[1] * len(row) + [0] * (cfg.seq_len - len(row)) for row in rows],
-        }
-
-    # Packing concatenates across documents, so a whole map batch must be seen at once.
-    kwargs = {"batch_size": 256} if cfg.streaming else {"batch_size": 256, "desc": "tokenising"}
-    return data.map(pack if cfg.packing else pad, batched=True, remove_columns=["text"], **kwargs).with_format("torch")
-
-
-def build_model(cfg: PretrainConfig, tokenizer) -> MDMPrimeForMaskedDiffusion:
-    config = MDMPrimeConfig(
-        vocab_size=len(tokenizer),
-        num_sub_tokens=cfg.num_sub_tokens,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.seq_len,
-        dropout=cfg.dropout,
-        time_conditioning=cfg.time_conditioning,
-        loss_type=cfg.loss_type,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return MDMPrimeForMaskedDiffusion(config)
+# -- checkpoints -----------------------------------------------------------------------------------------------------
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -274,8 +280,13 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator: Accelerator, cfg: PretrainConfig, step: int) -> None:
-    """accelerate.save_state into a temporary directory, renamed into place only when complete."""
+def run_settings(cfg: PretrainConfig, accelerator: Accelerator) -> dict:
+    return {**asdict(cfg), "num_processes": accelerator.num_processes}
+
+
+def save_checkpoint(accelerator: Accelerator, cfg: PretrainConfig, step: int, scheduler, ema: EMA | None) -> None:
+    """accelerate.save_state (model, optimizer, RNG) plus the script's own state as JSON/safetensors, into a
+    temporary directory renamed into place only when complete."""
     root = Path(cfg.output_dir) / "checkpoints"
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
     if final.exists():  # this step is already saved
@@ -287,11 +298,200 @@ def save_checkpoint(accelerator: Accelerator, cfg: PretrainConfig, step: int) ->
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        if ema is not None:
+            ema.save(tmp / EMA_FILE)
+        state = {
+            "format": STATE_FORMAT,
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "ema_updates": ema.updates if ema is not None else None,
+            "settings": run_settings(cfg, accelerator),
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
         os.replace(tmp, final)
         for old in checkpoint_dirs(Path(cfg.output_dir))[: -cfg.keep_checkpoints]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The checkpoint's ``trainer_state.json``, checked. Raises ValueError naming the file and the problem."""
+    file = path / STATE_FILE
+    if not path.is_dir():
+        raise ValueError(f"--resume_from_checkpoint: {path} is not a directory.")
+    if not file.is_file():
+        raise ValueError(f"{file}: missing, so {path} is not a complete checkpoint.")
+    try:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file}: not valid JSON ({error}).") from error
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise ValueError(f"{file}: expected an object with a non-negative integer 'step', got {str(state)[:200]!r}.")
+    if state.get("format") == STATE_FORMAT:
+        for key, kind in (("scheduler", dict), ("settings", dict)):
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"{file}: '{key}' must be a JSON object.")
+    return state
+
+
+def changed_settings(saved: dict, current: dict, allowed: str) -> dict:
+    """Settings that differ from the checkpoint's and are neither neutral nor allowed: ``{name: (saved, now)}``."""
+    allow = {name.strip() for name in allowed.split(",") if name.strip()}
+    unknown = allow - set(current) - {"all"}
+    if unknown:
+        raise ValueError(f"--allow_changed_settings: unknown settings {sorted(unknown)}.")
+    return {
+        key: (saved.get(key), value)
+        for key, value in current.items()
+        if key not in NEUTRAL_SETTINGS and saved.get(key) != value and "all" not in allow and key not in allow
+    }
+
+
+def _shape_difference(found: dict, expected: dict) -> str:
+    """What differs between two ``{name: shape}`` maps, for an error message."""
+    differ = [key for key in expected if found.get(key, expected[key]) != expected[key]]
+    wrong = [f"{key} is {found[key]} in the file but {expected[key]} here" for key in differ]
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    parts = wrong[:3] + ([f"missing {missing[:5]}"] if missing else []) + ([f"unexpected {extra[:5]}"] if extra else [])
+    return "does not fit this model: " + "; ".join(parts) + " (different hidden_size, vocabulary or layers?)."
+
+
+def check_model_file(file: Path, model: torch.nn.Module) -> None:
+    """The safetensors header of ``file`` against ``model``'s parameters. Raises ValueError naming the file."""
+    if not file.is_file():
+        raise ValueError(f"{file}: missing.")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt ({error}).") from error
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    # Tied weights are stored once, so a missing key is fine when a tensor of its shape is there.
+    missing = {key for key in expected if key not in found and expected[key] not in found.values()}
+    if missing or any(found[key] != expected.get(key) for key in found):
+        raise ValueError(f"{file}: {_shape_difference(found, expected)}")
+
+
+def safe_torch_load(file: Path) -> Any:
+    """``torch.load(weights_only=True)`` (tensors, numbers and numpy RNG state only). Raises ValueError naming the
+    file when it is missing, corrupt or holds anything else (such as code to run)."""
+    if not file.is_file():
+        raise ValueError(f"{file}: missing.")
+    try:
+        return accelerate_load(str(file), map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
+        raise ValueError(
+            f"{file}: refused or unreadable: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        ) from error
+
+
+def set_random_states(states: dict) -> None:
+    random.setstate(states["random_state"])
+    np.random.set_state(states["numpy_random_seed"])
+    torch.set_rng_state(states["torch_manual_seed"])
+    if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+        torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+
+
+def resume(accelerator: Accelerator, cfg: PretrainConfig, path: Path, model, optimizer, scheduler, ema) -> dict:
+    """Restore a checkpoint exactly, or raise ValueError saying why not. Returns the record of the resume.
+
+    Only tensors are unpickled (``weights_only=True``); any other file in the folder, such as a
+    ``custom_checkpoint_*.pkl``, is never loaded and is listed in a warning."""
+    state = read_trainer_state(path)
+    step, inexact = state["step"], []
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path / STATE_FILE}: written by an older pretrain.py (no settings, scheduler or EMA in it).")
+    current = run_settings(cfg, accelerator)
+    changed = changed_settings(state["settings"], current, cfg.allow_changed_settings)
+    if changed:
+        listing = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"{path}: these settings differ from the checkpoint's and would not continue the run exactly: {listing}. "
+            f"Pass --allow_changed_settings {','.join(changed)} to resume anyway."
+        )
+    own = {STATE_FILE, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, "scaler.pt"}
+    own |= {f"random_states_{i}.pkl" for i in range(accelerator.num_processes)}
+    ignored = sorted(p.name for p in path.iterdir() if p.name not in own)
+    if ignored:
+        logger.warning(
+            f"{path}: ignored (never loaded, pickles are not trusted): {', '.join(ignored)}", main_process_only=True
+        )
+    special = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if special:
+        if any(name.startswith("custom_checkpoint_") for name in ignored):
+            raise ValueError(f"{path}: holds custom_checkpoint_*.pkl files, which are never loaded; remove them.")
+        accelerator.load_state(str(path))  # sharded states; accelerate reads tensors with weights_only=True
+    else:
+        check_model_file(path / MODEL_FILE, accelerator.unwrap_model(model))
+        optimizer_state = safe_torch_load(path / OPTIMIZER_FILE)
+        try:
+            load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), strict=True)
+            optimizer.load_state_dict(optimizer_state)
+        except (SafetensorError, RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(f"{path}: the model or optimizer state does not load: {error}") from error
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(safe_torch_load(path / "scaler.pt"))
+    try:
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path / STATE_FILE}: the 'scheduler' state does not load ({error}).") from error
+    if ema is not None:
+        if (path / EMA_FILE).is_file():
+            ema.load(path / EMA_FILE)
+        else:
+            inexact.append(f"{path / EMA_FILE} is missing, so the EMA would restart from the current weights")
+            ema.shadow = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
+    if not special:  # each process restores its own random states; all of them must succeed
+        rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+        try:
+            states = safe_torch_load(rng_file)
+            set_random_states(states)
+            accelerator.step = int(states.get("step", 0))
+        except (ValueError, KeyError, TypeError) as error:
+            inexact.append(f"{rng_file}: the random states do not load ({error})")
+    inexact = [problem for problems in gather_object([inexact]) for problem in problems]
+    if inexact and not cfg.allow_inexact_resume:
+        raise ValueError(
+            "cannot resume exactly: " + "; ".join(dict.fromkeys(inexact)) + ". Pass --allow_inexact_resume to go on."
+        )
+    for problem in dict.fromkeys(inexact):
+        logger.warning(f"inexact resume: {problem}", main_process_only=True)
+    logger.info(f"resumed from {path} at step {step}", main_process_only=True)
+    return {
+        "step": step,
+        "checkpoint": str(path),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "changed_settings": {
+            k: [state["settings"].get(k), v]
+            for k, v in current.items()
+            if k not in NEUTRAL_SETTINGS and state["settings"].get(k) != v
+        },
+        "inexact": list(dict.fromkeys(inexact)),
+        "ignored_files": ignored,
+    }
+
+
+def find_checkpoint(cfg: PretrainConfig) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run (which refuses to mix with an earlier run's)."""
+    done = checkpoint_dirs(Path(cfg.output_dir))
+    if not cfg.resume_from_checkpoint:
+        if done and not cfg.overwrite_output_dir:
+            raise ValueError(
+                f"{cfg.output_dir} holds checkpoints of an earlier run ({done[-1].name}); pass "
+                "--resume_from_checkpoint latest to continue it or --overwrite_output_dir to start afresh."
+            )
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        if not done:
+            raise ValueError(
+                f"--resume_from_checkpoint latest: no complete checkpoint in {cfg.output_dir}/checkpoints."
+            )
+        return done[-1]
+    return Path(cfg.resume_from_checkpoint)
+
+
+# -- training --------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -316,7 +516,7 @@ def evaluate(accelerator: Accelerator, model, blocks: dict, cfg: PretrainConfig)
 
 def parse_config(argv: list[str]) -> PretrainConfig:
     """Command-line flags, or a single JSON / YAML file holding them."""
-    parser = HfArgumentParser(PretrainConfig)
+    parser = HfArgumentParser(PretrainConfig, description=__doc__.split("\n")[0])
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
         (cfg,) = load(argv[0])
@@ -325,17 +525,13 @@ def parse_config(argv: list[str]) -> PretrainConfig:
     return cfg
 
 
-def main() -> None:
-    cfg = parse_config(sys.argv[1:])
-    logging.basicConfig(format="%(message)s", level=logging.INFO)
+def make_accelerator(cfg: PretrainConfig) -> Accelerator:
     # Set up the process state before anything reads it: trackers consult it in their constructors, and a
     # default PartialState() made there would not know this is a CPU launch and would see one process.
     PartialState(cpu=cfg.cpu)
     trackers = [JSONLTracker(run_name="pretrain", logging_dir=str(Path(cfg.output_dir) / "logs"))]
-    for name in filter(None, cfg.report_to.split(",")):
-        if name != "jsonl":
-            trackers.append(name)
-    accelerator = Accelerator(
+    trackers += [name for name in filter(None, cfg.report_to.split(",")) if name != "jsonl"]
+    return Accelerator(
         cpu=cfg.cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -343,93 +539,56 @@ def main() -> None:
         project_dir=cfg.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    set_seed(cfg.seed)
+
+
+def prepare_data(cfg: PretrainConfig):
+    """(tokenizer, training blocks, held-out blocks as stacked tensors)."""
     train_docs, val_docs = load_corpus(cfg)
     tokenizer = build_tokenizer(cfg, train_docs)
     train_blocks, val_blocks = tokenize_blocks(train_docs, tokenizer, cfg), tokenize_blocks(val_docs, tokenizer, cfg)
-    held_out = (
-        list(val_blocks.take(cfg.eval_blocks))
-        if cfg.streaming
-        else val_blocks.select(range(min(cfg.eval_blocks, len(val_blocks))))
-    )
-    val_blocks = {
-        k: torch.stack([torch.as_tensor(row[k]) for row in held_out]) for k in ("input_ids", "attention_mask")
-    }
-    model = build_model(cfg, tokenizer)
-    logger.info(
-        f"{model.num_parameters() / 1e6:.2f}M parameters, ℓ={cfg.num_sub_tokens}, vocabulary {len(tokenizer)}, "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}",
-        main_process_only=True,
-    )
+    if cfg.streaming:
+        held = list(val_blocks.take(cfg.eval_blocks))
+    else:
+        held = val_blocks.select(range(min(cfg.eval_blocks, len(val_blocks))))
+    held = {k: torch.stack([torch.as_tensor(row[k]) for row in held]) for k in ("input_ids", "attention_mask")}
+    return tokenizer, train_blocks, held
 
-    # The loader's own generator: iterator creation must not draw from the global RNG that samples the masks,
-    # or a resumed run (which creates its iterator after restoring that RNG) would see other masks.
-    loader = torch.utils.data.DataLoader(
-        train_blocks,
-        batch_size=cfg.batch_size,
-        shuffle=not cfg.streaming,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
-    )
-    scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
-    )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    accelerator.init_trackers("pretrain", config={**asdict(cfg), "num_processes": accelerator.num_processes})
 
-    step = 0
-    if cfg.resume_from_checkpoint:
-        done = checkpoint_dirs(Path(cfg.output_dir))
-        path = done[-1] if cfg.resume_from_checkpoint == "latest" and done else Path(cfg.resume_from_checkpoint)
-        if not (path / "trainer_state.json").exists():
-            raise ValueError(f"no complete checkpoint at {path} (looked for trainer_state.json).")
-        accelerator.load_state(str(path))
-        step = json.loads((path / "trainer_state.json").read_text())["step"]
-        logger.info(f"resumed from {path} at step {step}", main_process_only=True)
-
+def train(accelerator, cfg, model, optimizer, scheduler, loader, ema, val_blocks, step: int) -> int:
+    """Optimizer steps from ``step`` until max_steps (or stop_after_steps); returns the last step."""
     eval_model = accelerator.unwrap_model(model)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="pretraining", disable=not accelerator.is_main_process)
     model.train()
     start, first_step = time.time(), step
-    while step < cfg.max_steps:
+    while step < cfg.max_steps and not (cfg.stop_after_steps and step - first_step >= cfg.stop_after_steps):
         batches_per_epoch = len(loader) if not cfg.streaming else None
         epoch, offset = divmod(step * cfg.gradient_accumulation_steps, batches_per_epoch or sys.maxsize)
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         # Exact resume: skip the batches this epoch already consumed (the shuffle is seeded by epoch).
-        epoch_loader = accelerator.skip_first_batches(loader, offset) if offset else loader
-        for batch in epoch_loader:
+        for batch in accelerator.skip_first_batches(loader, offset) if offset else loader:
             with accelerator.accumulate(model):
                 out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
+            # The scheduler is not prepared by accelerate (which would step it once per process): one step per
+            # optimizer step, so every process count follows the same schedule.
+            if not getattr(optimizer, "step_was_skipped", False):
+                scheduler.step()
             step += 1
             if ema is not None:
-                ema.update(accelerator.unwrap_model(model))
+                ema.update(eval_model)
             bar.update()
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 stats = accelerator.reduce(torch.stack([out.loss.detach(), out.elbo, out.prime_objective]), "mean")
-                logs = {
-                    "train/loss": stats[0].item(),
-                    "train/elbo": stats[1].item(),
-                    "train/paper_objective": stats[2].item(),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm),
-                    "train/seconds": time.time() - start,
-                }
-                accelerator.log(logs, step=step)
+                logs = dict(zip(("train/loss", "train/elbo", "train/paper_objective"), stats.tolist()))
+                logs.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)})
+                accelerator.log({**logs, "train/seconds": time.time() - start}, step=step)
                 bar.set_postfix(elbo=f"{logs['train/elbo']:.3f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 with ema.applied(eval_model) if ema is not None else nullcontext():
@@ -441,50 +600,71 @@ def main() -> None:
                     main_process_only=True,
                 )
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                save_checkpoint(accelerator, cfg, step)
+                save_checkpoint(accelerator, cfg, step, scheduler, ema)
             if step >= cfg.max_steps or (cfg.stop_after_steps and step - first_step >= cfg.stop_after_steps):
                 break
-        if cfg.stop_after_steps and step - first_step >= cfg.stop_after_steps:
-            break
     bar.close()
-    if step < cfg.max_steps:  # stopped early on purpose: the last checkpoint resumes the run
-        save_checkpoint(accelerator, cfg, step)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return
+    return step
 
-    accelerator.wait_for_everyone()
+
+def save_final(accelerator: Accelerator, cfg: PretrainConfig, model, tokenizer, ema: EMA | None) -> None:
+    """``final/``: the EMA weights with code, a portable tokenizer, generation config and samples."""
+    if not accelerator.is_main_process:
+        return
+    final, model = Path(cfg.output_dir) / "final", accelerator.unwrap_model(model)
+    with ema.applied(model) if ema is not None else nullcontext():
+        model.generation_config.update(max_new_tokens=cfg.sample_tokens)
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        make_tokenizer_portable(final)  # the folder's tokenizer also loads on transformers 4.57
+        samples = model.generate(max_new_tokens=cfg.sample_tokens, num_return_sequences=cfg.num_samples, seed=cfg.seed)
+    texts = tokenizer.batch_decode(samples, skip_special_tokens=True)
+    write_atomic(final / "samples.txt", "\n\n---\n\n".join(texts))
+    for text in texts:
+        logger.info(f"sample: {text!r}", main_process_only=True)
+    logger.info(f"saved the EMA model, tokenizer and samples to {final}", main_process_only=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    checkpoint = find_checkpoint(cfg)
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    tokenizer, train_blocks, val_blocks = prepare_data(cfg)
+    model = build_model(cfg, tokenizer)
+    logger.info(
+        f"{model.num_parameters() / 1e6:.2f}M parameters, ℓ={cfg.num_sub_tokens}, vocabulary {len(tokenizer)}, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}",
+        main_process_only=True,
+    )
+    # The loader's own generator: iterator creation must not draw from the global RNG that samples the masks.
+    loader = torch.utils.data.DataLoader(
+        train_blocks, batch_size=cfg.batch_size, shuffle=not cfg.streaming, drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
+    )
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # the scheduler is stepped by hand
+    ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    record = resume(accelerator, cfg, checkpoint, model, optimizer, scheduler, ema) if checkpoint else None
     if accelerator.is_main_process:
-        final = Path(cfg.output_dir) / "final"
-        with ema.applied(eval_model) if ema is not None else nullcontext():
-            eval_model.generation_config.update(max_new_tokens=cfg.sample_tokens)
-            eval_model.save_pretrained(final)
-            tokenizer.save_pretrained(final)
-            make_tokenizer_portable(final)  # the folder's tokenizer also loads on transformers 4.57
-            samples = eval_model.generate(
-                max_new_tokens=cfg.sample_tokens, num_return_sequences=cfg.num_samples, seed=cfg.seed
-            )
-        texts = tokenizer.batch_decode(samples, skip_special_tokens=True)
-        (final / "samples.txt").write_text("\n\n---\n\n".join(texts))
-        for text in texts:
-            logger.info(f"sample: {text!r}", main_process_only=True)
-        logger.info(f"saved the EMA model, tokenizer and samples to {final}", main_process_only=True)
+        record_settings(Path(cfg.output_dir) / "logs", run_settings(cfg, accelerator), record)
+    accelerator.init_trackers("pretrain", config=run_settings(cfg, accelerator))
+    step = train(
+        accelerator, cfg, model, optimizer, scheduler, loader, ema, val_blocks, record["step"] if record else 0
+    )
+    accelerator.wait_for_everyone()
+    if step < cfg.max_steps:  # stopped early on purpose: the last checkpoint resumes the run
+        save_checkpoint(accelerator, cfg, step, scheduler, ema)
+    else:
+        save_final(accelerator, cfg, model, tokenizer, ema)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-
-
-def _available_trackers(requested: list) -> list:
-    """Keep the trackers whose packages are installed (the JSONL one always is)."""
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
-    kept = []
-    for tracker in requested:
-        if isinstance(tracker, str) and not available.get(tracker, True):
-            print(f"tracker {tracker!r} is not installed; skipping it", file=sys.stderr)
-            continue
-        kept.append(tracker)
-    return kept
 
 
 if __name__ == "__main__":

@@ -147,6 +147,8 @@ def test_evaluate_ppl_script_suite_and_two_processes(tmp_path):
             "--num_time_samples", "3", "--batch_size", "2", "--cpu"]  # fmt: skip
     results = evaluate_ppl.main([*args, "--write_results"])
     assert [r["dataset"] for r in results] == ["corpus a", "corpus b"]
+    # Local files are scored whole: the label says so instead of calling them a "train" split.
+    assert [r["split"] for r in results] == ["all documents of a.jsonl", "all documents of b.txt"]
     saved = json.loads((checkpoint / "eval_results.json").read_text())
     assert saved["results"] == json.loads(json.dumps(results))
     for r in results:

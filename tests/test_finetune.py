@@ -1,4 +1,6 @@
-"""Fine-tuning with the transformers Trainer: in-process, and examples/finetune.py end to end (full and LoRA)."""
+"""Fine-tuning with the transformers Trainer: in-process, and examples/finetune.py end to end (full and LoRA): SFT
+that learns to end its answers, outputs that fit the toolchain (eval_results.json, portable tokenizer, adapters
+that load from anywhere), and the data rules shared with the other scripts."""
 
 import importlib.util
 import json
@@ -95,15 +97,16 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-def run_finetune(workdir: Path, name: str, steps: int, *extra: str) -> tuple[Path, dict]:
+def run_finetune(workdir: Path, name: str, steps: int, *extra: str, base: str | None = None) -> tuple[Path, dict]:
     out = workdir / name
-    cmd = [sys.executable, str(SCRIPT.relative_to(REPO)), "--model_name_or_path", str(workdir / "base")]
+    cwd = REPO if base is None else workdir
+    cmd = [sys.executable, str(SCRIPT), "--model_name_or_path", base or str(workdir / "base")]
     cmd += ["--train_file", str(workdir / "train.jsonl"), "--validation_file", str(workdir / "valid.jsonl")]
     cmd += ["--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", "16"]
     cmd += ["--logging_steps", "50", "--save_strategy", "no", "--seed", "0", "--use_cpu", "--eval_repeats", "2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(workdir / "datasets-cache"))
     env.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")  # one thread: ~10x faster when the CPU is shared
-    proc = subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*cmd, *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "eval_results.json").read_text())
     assert f"held-out loss before: {metrics['held_out_loss_before']:.4f}" in proc.stdout
@@ -168,28 +171,27 @@ def test_prompt_tokens_are_neither_masked_nor_scored(workdir):
     tok = PreTrainedTokenizerFast.from_pretrained(workdir / "base")
     pairs = [{"prompt": "copy: ab cd", "response": " ab cd"}, {"prompt": "copy: ef", "response": " ef"}]
     data = script.tokenize(Dataset.from_list(pairs), tok, 32, jsonl=True)
-    for pair, row in zip(pairs, data):
+    eos = tok.eos_token_id
+    for pair, row in zip(pairs, data):  # LLaDA's SFT: response, EOS, then EOS up to the block, all of it target
         prompt = tok(pair["prompt"])["input_ids"]
-        response = tok(pair["response"])["input_ids"] + [tok.eos_token_id]
-        assert row["input_ids"] == prompt + response
-        assert row["labels"] == [-100] * len(prompt) + response
+        target = tok(pair["response"])["input_ids"] + [eos] * (
+            32 - len(prompt) - len(tok(pair["response"])["input_ids"])
+        )
+        assert row["input_ids"] == prompt + target and len(row["input_ids"]) == 32
+        assert row["labels"] == [-100] * len(prompt) + target
     batch = script.collate(data.to_list(), tok.pad_token_id)
-    lengths = [len(row["input_ids"]) for row in data]
-    assert lengths[0] > lengths[1] and batch["input_ids"].shape == (2, lengths[0])
-    assert batch["attention_mask"][1].tolist() == [1] * lengths[1] + [0] * (lengths[0] - lengths[1])
-    assert (batch["labels"][1, lengths[1] :] == -100).all()
-
+    assert batch["input_ids"].shape == (2, 32) and bool(batch["attention_mask"].all())
     model = AutoModel.from_pretrained(workdir / "base", trust_remote_code=True).eval()
     inputs = []
-    original = model._logits_at
-    model._logits_at = lambda sub_ids, *a, **k: inputs.append(sub_ids) or original(sub_ids, *a, **k)
+    original = model.token_logits
+    model.token_logits = lambda sub_ids, *a, **k: inputs.append(sub_ids) or original(sub_ids, *a, **k)
     scored = (batch["labels"] != -100).sum().item()
     for seed in range(20):
         out = model(**batch, generator=torch.Generator().manual_seed(seed))
         assert out.num_tokens.item() == scored
     masked = torch.stack([(sub == model.codec.mask_id).any(-1) for sub in inputs])  # (draws, B, L)
-    assert not masked[:, batch["labels"] == -100].any()  # prompt and padding: never masked
-    assert masked[:, batch["labels"] != -100].any(0).all()  # every response token is masked in some draw
+    assert not masked[:, batch["labels"] == -100].any()  # the prompt: never masked
+    assert masked[:, batch["labels"] != -100].any(0).all()  # every response and tail token is masked in some draw
 
     one = torch.full_like(batch["labels"], -100)
     one[0, -1] = batch["labels"][0, -1]
@@ -226,3 +228,89 @@ def test_finetune_script_lora_merged_changes_only_targeted_weights(lora_run, wor
             assert not torch.equal(merged[key], base[key]), key
         else:
             assert torch.equal(merged[key], base[key]), key  # embeddings, norms, biases, lm_head untouched
+
+
+def test_sft_model_ends_its_answer_and_fills_the_rest_with_padding(full_run, workdir):
+    out, _ = full_run
+    tok = AutoTokenizer.from_pretrained(out, padding_side="left")
+    model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    pairs = copy_pairs(40, seed=0)[:24]  # training pairs: the test is about the tail, not generalisation
+    batch = tok([p["prompt"] for p in pairs], return_tensors="pt", padding=True)
+    room = 32 - batch["input_ids"].shape[1]  # every remaining position: 3-5x the response length
+    assert room >= 3 * max(len(tok(p["response"])["input_ids"]) for p in pairs)
+    generated = model.generate(**batch, max_new_tokens=room, seed=0)[:, batch["input_ids"].shape[1] :]
+    padding = {tok.eos_token_id, tok.pad_token_id}
+    exact, stopped, ended = 0, 0, 0
+    for pair, row in zip(pairs, generated.tolist()):
+        ended += set(row[8:]) <= padding  # at most 8 tokens of answer, then only padding
+        response = tok(pair["response"])["input_ids"]
+        stopped += set(row[len(response) :]) <= padding  # the answer ends where the response ends: padding after
+        exact += row[: len(response)] == response and set(row[len(response) :]) <= padding
+    print(f"SFT: {stopped}/{len(pairs)} answers end at the response length with only padding after it; {exact} exact")
+    # The tail is learned: nearly every answer stops at the response's length and pads the remaining ~20 positions
+    # (with the old unscored padding, none did). Copying the words themselves is beyond this 2-layer model's 200 steps.
+    assert ended == len(pairs) and stopped >= 0.6 * len(pairs)  # measured: 24 and 18 of 24
+
+
+def test_finetune_outputs_fit_the_toolchain(full_run):
+    from modeling_mdm_prime import check_checkpoint
+
+    out, metrics = full_run
+    # eval_results.json in evaluate_ppl.py's format: the card and push_to_hub read it.
+    (row,) = metrics["results"]
+    assert row["split"] != "train" and "prompt" in row["split"]
+    assert row["ppl_bound"] == pytest.approx(math.exp(row["nelbo_per_token"]))
+    assert row["nelbo_per_token"] == pytest.approx(metrics["held_out_loss_after"])
+    assert "eval_results.json" in check_checkpoint(out)  # the folder publishes as it is
+    assert not (out / "all_results.json").exists()
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config.get("tokenizer_class") != "TokenizersBackend"  # transformers 4.57 knows the class
+    from test_remote_code import tf4_python
+
+    if tf4_python():
+        check = subprocess.run(
+            [tf4_python(), "-c", "import sys; sys.modules['modeling_mdm_prime'] = None\n"
+             "from transformers import AutoModel, AutoTokenizer\n"
+             f"m = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+             f"t = AutoTokenizer.from_pretrained({str(out)!r})\n"
+             "print(type(m).__name__, len(t('copy: ab')['input_ids']) > 0)"],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert "MDMPrimeForMaskedDiffusion True" in check.stdout, check.stderr[-2000:]
+
+
+def test_unmerged_lora_adapter_loads_from_another_directory(workdir, tmp_path):
+    pytest.importorskip("peft")
+    out, _ = run_finetune(workdir, "adapter", 3, "--lora", "--learning_rate", "1e-3", base="base")  # relative path
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert Path(adapter["base_model_name_or_path"]).is_absolute()
+    code = (
+        "from peft import PeftConfig, PeftModel\nfrom transformers import AutoModel\n"
+        f"config = PeftConfig.from_pretrained({str(out)!r})\n"
+        "base = AutoModel.from_pretrained(config.base_model_name_or_path, trust_remote_code=True)\n"
+        f"model = PeftModel.from_pretrained(base, {str(out)!r})\nprint(type(model).__name__)"
+    )
+    check = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert check.returncode == 0 and "PeftModel" in check.stdout, check.stderr[-2000:]
+
+
+def test_validation_split_and_text_files_follow_one_rule(tmp_path):
+    from modeling_mdm_prime.data import read_documents
+
+    script = load_script()
+    assert script.validation_count(None, 50) == 5  # the default: 10 %, not 32 of 50
+    assert script.validation_count(None, 100_000) == 256  # capped
+    assert script.validation_count(0.2, 50) == 10 and script.validation_count(7, 50) == 7
+    with pytest.raises(ValueError, match="32 of 50"):
+        script.validation_count(32, 50)
+    with pytest.raises(ValueError, match="fraction"):
+        script.validation_count(2.5, 50)
+    # A .txt file is one document in every script (modeling_mdm_prime.data), JSON(L) one per record.
+    (tmp_path / "notes.txt").write_text("first line\nsecond line\n\nthird\n")
+    assert len(script.read_examples(str(tmp_path / "notes.txt"))) == 1
+    assert len(read_documents(str(tmp_path / "notes.txt"))) == 1
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": "a b"}, {"text": "c d"}])
+    assert script.read_examples(str(tmp_path / "docs.jsonl")).column_names == ["text"]
+    pairs = script.read_examples(str(write_jsonl(tmp_path / "pairs.jsonl", copy_pairs(3, seed=0))))
+    assert pairs.column_names == ["prompt", "response"] and len(pairs) == 3
