@@ -7,21 +7,7 @@ from __future__ import annotations
 
 import torch
 
-
-def integer_base(vocab_size: int, num_sub_tokens: int) -> int:
-    """Smallest integer b with ``b ** num_sub_tokens >= vocab_size``, computed exactly.
-
-    ``ceil(C ** (1 / ℓ))`` in floating point can be off by one (e.g. for perfect powers), so the float
-    guess is only a starting point, corrected with integer arithmetic.
-    """
-    if vocab_size < 2 or num_sub_tokens < 1:
-        raise ValueError(f"need vocab_size >= 2 and num_sub_tokens >= 1, got {vocab_size} and {num_sub_tokens}.")
-    base = max(2, int(round(vocab_size ** (1.0 / num_sub_tokens))))
-    while base**num_sub_tokens < vocab_size:
-        base += 1
-    while base > 2 and (base - 1) ** num_sub_tokens >= vocab_size:
-        base -= 1
-    return base
+from .configuration_mdm_prime import check_sub_token_split, integer_base
 
 
 class SubTokenCodec:
@@ -35,13 +21,8 @@ class SubTokenCodec:
     def __init__(self, vocab_size: int, num_sub_tokens: int):
         self.vocab_size = int(vocab_size)
         self.num_sub_tokens = int(num_sub_tokens)
-        self.base = integer_base(self.vocab_size, self.num_sub_tokens)
+        self.base = check_sub_token_split(self.vocab_size, self.num_sub_tokens)
         self.mask_id = self.base
-        if self.num_sub_tokens > 1 and self.base ** (self.num_sub_tokens - 1) >= self.vocab_size:
-            raise ValueError(
-                f"num_sub_tokens={num_sub_tokens} is too many for vocab_size={vocab_size}: with base {self.base} "
-                "the most significant digit is always 0. Use fewer sub-tokens."
-            )
         self.num_codes = self.base**self.num_sub_tokens
         # Place values b^(ℓ-1), ..., b, 1 as Python ints (exact; b^ℓ < 2^63 for any sane vocabulary).
         self.place_values = [self.base ** (self.num_sub_tokens - 1 - j) for j in range(self.num_sub_tokens)]

@@ -6,6 +6,9 @@ nor any sibling module.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from transformers import PretrainedConfig
 
 NOISE_SCHEDULES = ("linear", "polynomial", "cosine", "geometric")
@@ -16,6 +19,36 @@ AUTO_MAP = {
     "AutoModel": "modeling_mdm_prime.MDMPrimeForMaskedDiffusion",
     "AutoModelForMaskedLM": "modeling_mdm_prime.MDMPrimeForMaskedDiffusion",
 }
+
+
+def integer_base(vocab_size: int, num_sub_tokens: int) -> int:
+    """Smallest integer b with ``b ** num_sub_tokens >= vocab_size``, computed exactly.
+
+    ``ceil(C ** (1 / ℓ))`` in floating point can be off by one (e.g. for perfect powers), so the float
+    guess is only a starting point, corrected with integer arithmetic.
+    """
+    if vocab_size < 2 or num_sub_tokens < 1:
+        raise ValueError(f"need vocab_size >= 2 and num_sub_tokens >= 1, got {vocab_size} and {num_sub_tokens}.")
+    base = max(2, int(round(vocab_size ** (1.0 / num_sub_tokens))))
+    while base**num_sub_tokens < vocab_size:
+        base += 1
+    while base > 2 and (base - 1) ** num_sub_tokens >= vocab_size:
+        base -= 1
+    return base
+
+
+def check_sub_token_split(vocab_size: int, num_sub_tokens: int) -> int:
+    """The one rule for ℓ (the config and the codec both call it): the base b, or a ValueError when the most
+    significant of the ℓ base-b digits would be 0 for every token (b^(ℓ-1) >= C: ℓ is too large)."""
+    base = integer_base(vocab_size, num_sub_tokens)
+    if num_sub_tokens > 1 and base ** (num_sub_tokens - 1) >= vocab_size:
+        usable = [ell for ell in range(1, num_sub_tokens) if integer_base(vocab_size, ell) ** (ell - 1) < vocab_size]
+        largest = max(usable, default=1)
+        raise ValueError(
+            f"num_sub_tokens={num_sub_tokens} is too many for vocab_size={vocab_size}: with base {base} the most "
+            f"significant digit is always 0. Use num_sub_tokens <= {largest}."
+        )
+    return base
 
 
 class MDMPrimeConfig(PretrainedConfig):
@@ -39,9 +72,11 @@ class MDMPrimeConfig(PretrainedConfig):
         time_embedding_size: width of the timestep embedding used by adaLN.
         noise_schedule: one of ``"linear"``, ``"polynomial"``, ``"cosine"``, ``"geometric"``. The sampler's
             reveal probabilities and the discrete-time bound follow its endpoint-exact version (α(0) = 1,
-            α(1) = 0); a time-conditioned network is also trained at times drawn through it. (A time-independent
-            network is trained with the count estimator, for which every schedule gives the same objective.)
-        noise_eps: the training schedule keeps ``α(1) = noise_eps`` (MDLM uses 1e-3).
+            α(1) = 0), and so does training at explicit ``timesteps``. The default training objective and
+            ``nll_bound`` use the count estimator, for which every schedule gives the same objective (the
+            continuous-time bound depends on the schedule only through its end points); a time-conditioned
+            network is then told the masking probability itself.
+        noise_eps: the training schedule keeps ``α(1) = noise_eps`` (MDLM uses 1e-3), for every schedule.
         polynomial_exponent: p of ``α_t = 1 - t**p``.
         geometric_beta_min, geometric_beta_max: β range of the geometric schedule.
         loss_type: ``"elbo"`` trains on the valid bound on the NLL; ``"prime"`` on the MDM-Prime paper's
@@ -116,6 +151,12 @@ class MDMPrimeConfig(PretrainedConfig):
     def validate_settings(self) -> None:
         """Raise a ValueError naming the inconsistent setting and what to change."""
 
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+                raise ValueError(f"{name} must be a number, got {value!r}.")
+            return float(value)
+
         def positive_int(name: str) -> int:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -130,13 +171,8 @@ class MDMPrimeConfig(PretrainedConfig):
         num_heads = positive_int("num_attention_heads")
         for name in ("num_hidden_layers", "intermediate_size", "max_position_embeddings", "time_embedding_size"):
             positive_int(name)
-        # With base 2, ceil(log2(C)) digits already encode every token; more digits are constant zeros.
+        check_sub_token_split(vocab_size, num_sub_tokens)
         max_sub_tokens = (vocab_size - 1).bit_length()
-        if num_sub_tokens > max_sub_tokens:
-            raise ValueError(
-                f"num_sub_tokens={num_sub_tokens} is too large for vocab_size={vocab_size}: base-2 digits "
-                f"already need only {max_sub_tokens}; use num_sub_tokens <= {max_sub_tokens}."
-            )
         if hidden_size % num_sub_tokens:
             divisible = [d for d in range(1, max_sub_tokens + 1) if hidden_size % d == 0]
             raise ValueError(
@@ -153,22 +189,28 @@ class MDMPrimeConfig(PretrainedConfig):
             )
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}.")
-        if not 0.0 <= self.noise_eps < 1.0:
+        if not 0.0 <= number("noise_eps") < 1.0:
             raise ValueError(f"noise_eps must be in [0, 1), got {self.noise_eps}.")
-        if self.polynomial_exponent <= 0:
-            raise ValueError(f"polynomial_exponent must be > 0, got {self.polynomial_exponent}.")
-        if not 0 < self.geometric_beta_min < self.geometric_beta_max:
+        for name in ("polynomial_exponent", "rope_theta", "layer_norm_eps", "geometric_beta_min"):
+            if not number(name) > 0:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}.")
+        if not number("geometric_beta_min") < number("geometric_beta_max"):
             raise ValueError(
                 "geometric schedule needs 0 < geometric_beta_min < geometric_beta_max, got "
                 f"{self.geometric_beta_min} and {self.geometric_beta_max}."
             )
+        if not number("initializer_range") >= 0:
+            raise ValueError(f"initializer_range must be >= 0, got {self.initializer_range!r}.")
+        for name in ("time_conditioning", "carry_over"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(
                 f"loss_type must be 'elbo' (the valid NLL bound) or 'prime' (the paper objective), "
                 f"got {self.loss_type!r}."
             )
         for name in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
+            if not 0.0 <= number(name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name, None)

@@ -35,10 +35,6 @@ from .schedules_mdm_prime import NoiseSchedule, get_noise_schedule, sample_times
 
 logger = logging.get_logger(__name__)
 
-# Training a time-conditioned network samples t in [TRAIN_TIME_MIN, 1] (MDLM's sampling_eps): the weight w(t) ~ 1/t
-# has an infinite second moment at t -> 0. Time-independent networks use the exact count estimator instead.
-TRAIN_TIME_MIN = 1e-3
-
 
 @dataclass
 class MDMPrimeDiffusionOutput(ModelOutput):
@@ -417,7 +413,6 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         generator: torch.Generator | None,
         *,
         timesteps: torch.Tensor | None = None,
-        time_min: float = 0.0,
         num_steps: int | None = None,
     ) -> _Corruption:
         """The forward process for one Monte-Carlo sample per sequence, shared by training and the bound.
@@ -425,27 +420,32 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         Args:
             clean: ``(B, L, ℓ)`` clean digits; maskable: ``(B, L)`` positions that may be masked.
             strata: ``(B,)`` low-discrepancy numbers in [0, 1) that place each sequence's sample.
-            timesteps: explicit ``(B,)`` times (continuous time); time_min: the smallest sampled time.
+            timesteps: explicit ``(B,)`` times (continuous time).
             num_steps: T for the discrete-time bound.
         Three estimators of the same bound (method.md §1, §3.4):
 
-        * count (time-independent network, continuous time): k = 1 + floor(strata · N) of the N maskable
-          elements, a uniform k-subset, weight N/k (:func:`sample_mask_counts`);
-        * continuous time: t = time_min + (1 - time_min)(1 - strata), mask with probability 1 - α_t, weight
-          ``w(t) = -α'/(1 - α)``;
+        * count (continuous time, the default): k = 1 + floor(strata · N) of the N maskable elements, a
+          uniform k-subset, weight N/k; a time-conditioned network is told the noise level
+          t ~ Beta(k, N - k + 1) (:func:`sample_mask_counts`). Unbiased, weights bounded by N;
+        * continuous time at given ``timesteps``: mask with probability 1 - α_t, weight ``w(t) = -α'/(1 - α)``;
         * discrete time: step i = 1 + floor(strata · T), t = i/T, s = (i-1)/T, mask with probability 1 - α_t;
           the caller draws the step's reveal set with ``reveal_probability``.
         """
-        if timesteps is None and num_steps is None and not self.config.time_conditioning:
-            masked, weight = sample_mask_counts(maskable, self.codec.num_sub_tokens, strata, generator)
-            return _Corruption(masked, weight.double(), None, None)
+        if timesteps is None and num_steps is None:
+            masked, weight, level = sample_mask_counts(
+                maskable, self.codec.num_sub_tokens, strata, generator, return_level=True
+            )
+            # A time-conditioned network is told the masking probability t ~ Beta(k, N - k + 1) (see
+            # sample_mask_counts); a time-independent one needs no t at all.
+            alpha = 1.0 - level if self.config.time_conditioning else None
+            return _Corruption(masked, weight.double(), alpha, None)
         if num_steps is not None:
             step = torch.floor(strata.double() * num_steps) + 1
             t = step / num_steps
             reveal = schedule.reveal_probability(t, (step - 1) / num_steps)
             alpha = schedule.alpha(t)
             return _Corruption(sample_masks(clean.shape, alpha, maskable, generator), None, alpha, t, reveal)
-        t = timesteps if timesteps is not None else time_min + (1.0 - time_min) * (1.0 - strata.double())
+        t = timesteps
         alpha = schedule.alpha(t)
         return _Corruption(sample_masks(clean.shape, alpha, maskable, generator), schedule.weight(t).double(), alpha, t)
 
@@ -463,11 +463,11 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         Per sequence, a Monte-Carlo term ``weight · Σ_tokens (per-token term)``, where the per-token term is the
         valid bound's ``Σ_{j masked} -log p̄(y0^j | y_t)`` or the paper's ``-log p_θ(x0 | y_t)``:
 
-        * time-independent network (the default): k ~ U{1..N} of the sequence's N sub-tokens are masked, chosen
-          uniformly, weight N/k (:func:`sample_mask_counts`): the continuous-time NELBO integrated over t in
-          closed form, unbiased and with bounded weights;
-        * time-conditioned network (or explicit ``timesteps``): t in [1e-3, 1] (low-discrepancy over the
-          batch), each sub-token masked with probability 1 - α_t, weight w(t) = -α'/(1 - α).
+        * by default, k ~ U{1..N} of the sequence's N sub-tokens are masked, chosen uniformly, weight N/k
+          (:func:`sample_mask_counts`): the continuous-time NELBO with t integrated out (time-independent
+          network) or drawn given k from Beta(k, N - k + 1) and passed as the noise level (time-conditioned
+          network). Unbiased, with weights bounded by N, so no truncation of t is needed (MDLM's t >= 1e-3);
+        * with explicit ``timesteps``: each sub-token masked with probability 1 - α_t, weight w(t) = -α'/(1 - α).
 
         Args:
             input_ids: ``(B, L)`` clean token ids.
@@ -489,13 +489,17 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         batch = ids.shape[0]
         clean = self.codec.encode(ids, check=False)
         if timesteps is not None:
-            timesteps = torch.as_tensor(timesteps, device=ids.device, dtype=torch.float64).expand(batch)
+            timesteps = torch.as_tensor(timesteps, device=ids.device, dtype=torch.float64)
+            if timesteps.dim() > 1 or timesteps.numel() not in (1, batch):
+                raise ValueError(
+                    f"timesteps must be a scalar or have shape ({batch},) (one time per sequence), got "
+                    f"{tuple(timesteps.shape)}."
+                )
+            timesteps = timesteps.reshape(-1).expand(batch)
             if bool((~((timesteps > 0) & (timesteps <= 1))).any()):
                 raise ValueError(f"timesteps must lie in (0, 1], got {timesteps.tolist()}.")
         strata = 1.0 - sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64)
-        noise = self._corrupt(
-            clean, scored, strata, self.noise_schedule, generator, timesteps=timesteps, time_min=TRAIN_TIME_MIN
-        )
+        noise = self._corrupt(clean, scored, strata, self.noise_schedule, generator, timesteps=timesteps)
         masked, seq_weight = noise.masked, noise.weight.float()
         rows = masked.any(-1)
         logits = self.token_logits(
@@ -582,12 +586,13 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         Discrete time with T steps (t_i = i/T): ``L_T = T · E_{i, y_t, U}[ Σ_i -log p̄(y0^U | y_t) ]`` where U is
         the set of masked digits the step t_i -> t_{i-1} reveals (each with probability (α_s - α_t)/(1 - α_t)).
 
-        Both use the endpoint-exact schedule (α(0) = 1, α(1) = 0), so nothing is dropped. In continuous time a
-        time-independent network is scored with the count estimator (:func:`sample_mask_counts`: t integrated
-        out exactly, bounded weights); a time-conditioned one with t in (0, 1]. Each sequence gets
-        ``num_samples`` stratified draws; ``nll_stderr`` is their standard deviation over sqrt(K), which
-        stratification makes conservative. In continuous time the paper objective is estimated from the same
-        samples and returned as ``paper_objective`` (not a bound).
+        Both use the endpoint-exact schedule (α(0) = 1, α(1) = 0), so nothing is dropped. In continuous time
+        every network is scored with the count estimator (:func:`sample_mask_counts`: k masked elements with
+        k uniform, weight N/k bounded by N; a time-conditioned network is told t ~ Beta(k, N - k + 1)). Each
+        sequence gets ``num_samples`` draws stratified over k; ``nll_stderr`` is their standard deviation over
+        sqrt(K) (its coverage is tested for both kinds of network). In continuous time the paper objective is
+        estimated from the same samples and returned as ``paper_objective`` (not a bound). The model is
+        evaluated in eval mode (no dropout) and its mode restored afterwards.
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")

@@ -154,6 +154,8 @@ def sample_categorical(
         ``(N,)`` long token ids and ``(N,)`` float64 probabilities of those tokens.
     """
     if isinstance(greedy, torch.Tensor):
+        if not bool(greedy.any()) or bool(greedy.all()):
+            return sample_categorical(log_probs, uniform, bool(greedy.all()) if greedy.numel() else False, float64)
         tokens, _ = sample_categorical(log_probs, uniform, False, float64)
         tokens = torch.where(greedy, log_probs.argmax(-1), tokens)
         probs = torch.log_softmax(log_probs.double(), -1).gather(1, tokens.unsqueeze(1)).squeeze(1).exp()
@@ -183,20 +185,21 @@ def sample_categorical(
     return tokens, probs
 
 
-def digit_marginals(log_probs: torch.Tensor, codec: SubTokenCodec) -> torch.Tensor:
+def digit_marginals(log_probs: torch.Tensor, codec: SubTokenCodec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-digit marginals of token distributions: ``(N, C)`` log-probabilities -> ``(N, ℓ, b)`` probabilities.
 
     ``out[n, j, v] = Σ_{x : digit j of x = v} p(x)`` with ``p = softmax(log_probs[n])``, computed on the digit
-    grid (one axis per digit, codes ≥ C padded with probability 0), so no (N, C, ℓ) tensor is built.
+    grid (one axis per digit, codes ≥ C padded with probability 0), so no (N, C, ℓ) tensor is built. float32 by
+    default: the strategies only rank and threshold these numbers (the token draws themselves are float64).
     """
     n, vocab = log_probs.shape
     ell, base = codec.num_sub_tokens, codec.base
     inner = base ** (ell - 1)
     first = -(-vocab // inner)
-    probs = torch.zeros(n, first * inner, dtype=torch.float64, device=log_probs.device)
-    probs[:, :vocab] = torch.softmax(log_probs.double(), -1)
+    probs = torch.zeros(n, first * inner, dtype=dtype, device=log_probs.device)
+    probs[:, :vocab] = torch.softmax(log_probs.to(dtype), -1)
     grid = probs.view(n, first, *([base] * (ell - 1)))
-    out = torch.zeros(n, ell, base, dtype=torch.float64, device=log_probs.device)
+    out = torch.zeros(n, ell, base, dtype=dtype, device=log_probs.device)
     for j in range(ell):
         others = [axis for axis in range(1, ell + 1) if axis != j + 1]
         marginal = grid.sum(dim=others) if others else grid
@@ -204,21 +207,27 @@ def digit_marginals(log_probs: torch.Tensor, codec: SubTokenCodec) -> torch.Tens
     return out
 
 
-def digit_confidence(log_probs: torch.Tensor, tokens: torch.Tensor, codec: SubTokenCodec, measure: str):
-    """``(N, ℓ)`` confidence of each digit of the drawn ``tokens`` ``(N,)`` under the digit marginals.
+def digit_confidence(
+    log_probs: torch.Tensor, tokens: torch.Tensor | None, codec: SubTokenCodec, measure: str
+) -> torch.Tensor:
+    """``(N, ℓ)`` confidence of each digit under the digit marginals of ``log_probs`` ``(N, C)``.
 
-    ``probability``: ``p̄(y^j = digit_j(x̂))``; ``margin``: top-1 minus top-2 of ``p̄(y^j = ·)``; ``entropy``:
-    minus the entropy of ``p̄(y^j = ·)`` in nats. For ℓ = 1 these are Dream's / LLaDA's token-level measures.
+    ``probability``: ``p̄(y^j = digit_j(x̂))`` of the drawn ``tokens`` ``(N,)`` (LLaDA's low-confidence
+    remasking, Dream's ``maskgit_plus``); ``margin``: top-1 minus top-2 of ``p̄(y^j = ·)`` (``topk_margin``);
+    ``entropy``: minus the entropy of ``p̄(y^j = ·)`` in nats. The last two ignore ``tokens``. For ℓ = 1
+    these are the token-level measures of those samplers.
     """
     marginals = digit_marginals(log_probs, codec)  # (N, ℓ, b)
     if measure == "probability":
-        digits = codec.digit_table(tokens.device)[tokens]  # (N, ℓ)
+        if tokens is None:
+            raise ValueError("the probability measure needs the drawn tokens.")
+        digits = codec.digit_table(log_probs.device)[tokens]  # (N, ℓ)
         return marginals.gather(2, digits.unsqueeze(-1)).squeeze(-1)
     if measure == "margin":
         top = marginals.topk(2, dim=-1).values
         return top[..., 0] - top[..., 1]
     if measure == "entropy":
-        return (marginals * torch.log(marginals.clamp(min=1e-300))).sum(-1)
+        return torch.special.xlogy(marginals, marginals).sum(-1)
     raise ValueError(f"confidence measure must be one of {CONFIDENCE_MEASURES}, got {measure!r}.")
 
 
@@ -408,20 +417,33 @@ class ConfidenceStrategy(SamplerStrategy):
     def plan(self, state):
         return state.updatable.any(-1) & (self._quota(state) > 0).unsqueeze(1)
 
-    def _confidence(self, scores, scored, state) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, L)`` drawn tokens and ``(B, L, ℓ)`` digit confidences (-inf where not updatable)."""
-        tokens, keep = self.draw(scores, scored, state)
-        confidence = torch.full(state.updatable.shape, -math.inf, dtype=torch.float64, device=scores.device)
-        confidence[scored] = digit_confidence(scores[keep], tokens[scored], self.codec, self.measure)
-        return tokens, confidence.masked_fill(~state.updatable, -math.inf)
+    def _confidence(
+        self, scores: torch.Tensor, scored: torch.Tensor, state: SamplerStepInput
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, L, ℓ)`` float32 digit confidences, -inf where not updatable, and the ``(B, L)`` drawn tokens for
+        the probability measure, which needs them (the other measures draw only what they reveal: None)."""
+        tokens = None
+        if self.measure == "probability":
+            tokens, _ = self.draw(scores, scored, state)
+        confidence = torch.full(state.updatable.shape, -math.inf, device=scores.device)
+        drawn = None if tokens is None else tokens[scored]
+        confidence[scored] = digit_confidence(scores, drawn, self.codec, self.measure)
+        return confidence.masked_fill(~state.updatable, -math.inf), tokens
 
-    def step(self, scores, scored, state):
-        tokens, confidence = self._confidence(scores, scored, state)
+    def _select(self, confidence: torch.Tensor, state: SamplerStepInput) -> torch.Tensor:
+        """``(B, L, ℓ)`` the ``quota`` most confident updatable digits of each row (ties: earlier position, then
+        the more significant digit)."""
         batch = confidence.shape[0]
         order = torch.argsort(confidence.reshape(batch, -1), dim=1, descending=True, stable=True)
         positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
         rank = torch.empty_like(order).scatter_(1, order, positions)
-        revealed = rank.view_as(state.updatable) < self._quota(state).view(-1, 1, 1)
+        return rank.view_as(state.updatable) < self._quota(state).view(-1, 1, 1)
+
+    def step(self, scores, scored, state):
+        confidence, tokens = self._confidence(scores, scored, state)
+        revealed = self._select(confidence, state) & state.updatable
+        if tokens is None:
+            tokens, _ = self.draw(scores, scored, state, where=revealed.any(-1))
         return self.reveal(state, tokens, revealed)
 
 
@@ -456,14 +478,11 @@ class ThresholdStrategy(ConfidenceStrategy):
     def plan(self, state):
         return state.updatable.any(-1)
 
-    def step(self, scores, scored, state):
-        tokens, confidence = self._confidence(scores, scored, state)
-        batch = confidence.shape[0]
-        flat = confidence.reshape(batch, -1)
+    def _select(self, confidence, state):
+        flat = confidence.reshape(confidence.shape[0], -1)
         best = torch.zeros_like(flat, dtype=torch.bool)
         best.scatter_(1, flat.argmax(1, keepdim=True), True)  # argmax takes the first maximum: earliest digit
-        revealed = (flat > self.threshold) | (best & state.updatable.reshape(batch, -1).any(1, keepdim=True))
-        return self.reveal(state, tokens, revealed.view_as(state.updatable))
+        return ((flat > self.threshold) | best).view_as(state.updatable)
 
 
 STRATEGIES = {cls.name: cls for cls in (AncestralStrategy, ConfidenceStrategy, ThresholdStrategy)}

@@ -18,8 +18,18 @@ def test_training_forward_and_gradients():
     missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
     timed = tiny_model(time_conditioning=True).train()
+    levels = []
+    embed = timed.model.time_embed.forward
+    timed.model.time_embed.forward = lambda noise: levels.append(noise) or embed(noise)
     out = timed(ids)
-    assert out.timesteps.shape == (4,) and bool((out.timesteps >= 1e-3).all())
+    # The count estimator for a time-conditioned network: the noise level given k masked of N elements is
+    # Beta(k, N - k + 1), and k / N tracks it (mean k / (N + 1)).
+    masked_fraction = torch.tensor([float(level) for level in levels[0]])
+    assert (
+        out.timesteps is None
+        and levels[0].shape == (4,)
+        and bool(((masked_fraction > 0) & (masked_fraction < 1)).all())
+    )
     out.loss.backward()
     assert all(p.grad is not None for p in timed.parameters())
     prime_model = tiny_model(loss_type="prime")
@@ -138,7 +148,14 @@ def test_nll_bound_output():
     ("overrides", "message"),
     [
         (dict(hidden_size=50, num_attention_heads=5), "not divisible by num_sub_tokens"),
-        (dict(num_sub_tokens=10), "too large for vocab_size"),
+        (dict(num_sub_tokens=10), "too many for vocab_size"),
+        (dict(vocab_size=300, num_sub_tokens=8, hidden_size=48), r"too many for vocab_size=300.*<= 6"),
+        (dict(polynomial_exponent=float("nan")), "polynomial_exponent must be a number"),
+        (dict(rope_theta=-1.0), "rope_theta must be a positive number"),
+        (dict(layer_norm_eps=-1.0), "layer_norm_eps must be a positive number"),
+        (dict(noise_eps="0.1"), "noise_eps must be a number"),
+        (dict(dropout=float("nan")), "dropout must be a number"),
+        (dict(carry_over="yes"), "carry_over must be True or False"),
         (dict(hidden_size=48, num_attention_heads=5), "num_attention_heads"),
         (dict(hidden_size=24, num_attention_heads=8, num_sub_tokens=1), "must be even"),
         (dict(loss_type="nll"), "loss_type"),
@@ -172,6 +189,14 @@ def test_bad_inputs_raise():
         model.denoise(torch.full((1, 4, 3), 6))  # 6*49 + 6*7 + 6 = 342 >= 300
     with pytest.raises(ValueError, match="timesteps"):
         model(torch.tensor([[1, 2, 3]]), timesteps=torch.zeros(1))
+    with pytest.raises(ValueError, match="timesteps must lie in"):
+        model(torch.tensor([[1, 2, 3]]), timesteps=torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match=r"timesteps must be a scalar or have shape \(2,\)"):
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), timesteps=torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        model.nll_bound(torch.tensor([[1, 2, 3]]), num_samples=2.5)
+    with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+        model.nll_bound(torch.tensor([[1, 2, 3]]), num_steps=2.5)
     with pytest.raises(ValueError, match="noise_level"):
         tiny_model(time_conditioning=True).denoise(torch.zeros(1, 4, 3, dtype=torch.long))
     with pytest.raises(NotImplementedError, match="new model"):
@@ -190,3 +215,40 @@ def test_config_round_trip(tmp_path):
     assert set(loaded.auto_map) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
     model = MDMPrimeForMaskedDiffusion(loaded)
     assert model.model.time_embed is not None
+
+
+def test_config_and_codec_share_one_rule_for_the_number_of_sub_tokens():
+    from modeling_mdm_prime import SubTokenCodec
+
+    for vocab in (2, 3, 7, 8, 9, 100, 256, 300, 1000):
+        for ell in range(1, 12):
+            try:
+                SubTokenCodec(vocab, ell)
+                codec_ok = True
+            except ValueError:
+                codec_ok = False
+            try:
+                MDMPrimeConfig(vocab_size=vocab, num_sub_tokens=ell, hidden_size=2 * ell, num_attention_heads=1)
+                config_ok = True
+            except ValueError:
+                config_ok = False
+            assert codec_ok == config_ok, (vocab, ell)
+
+
+def test_nll_bound_evaluates_in_eval_mode_and_restores_the_mode():
+    model = tiny_model(dropout=0.3)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    evaluated = model.nll_bound(ids, num_samples=4, generator=torch.Generator().manual_seed(1)).nll
+    model.train()
+    in_train_mode = model.nll_bound(ids, num_samples=4, generator=torch.Generator().manual_seed(1)).nll
+    assert torch.equal(evaluated, in_train_mode) and model.training
+
+
+def test_geometric_time_conditioned_model_has_finite_losses_near_t_0():
+    model = tiny_model(time_conditioning=True, noise_schedule="geometric")
+    ids = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(0))
+    for t in (1e-7, 1e-4, 1e-3, 1.0):
+        assert torch.isfinite(model(ids, timesteps=torch.full((4,), t)).loss)
+    out = model.nll_bound(ids, num_samples=64, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(out.nll).all() and torch.isfinite(out.nll_stderr).all())
+    assert bool(torch.isfinite(model.nll_bound(ids, num_samples=8, num_steps=4096).nll).all())

@@ -69,7 +69,7 @@ def test_linear_eps_matches_mdlm():
 def test_reveal_probability():
     schedule = get_noise_schedule("linear").exact()
     t, s = torch.tensor([0.5, 1.0, 0.1]), torch.tensor([0.25, 0.75, 0.0])
-    assert torch.allclose(schedule.reveal_probability(t, s), torch.tensor([0.5, 0.25, 1.0]))
+    assert torch.allclose(schedule.reveal_probability(t, s), torch.tensor([0.5, 0.25, 1.0], dtype=torch.float64))
 
 
 def test_low_discrepancy_sampler():
@@ -89,3 +89,40 @@ def test_low_discrepancy_sampler():
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="unknown noise schedule"):
         get_noise_schedule("sigmoid")
+
+
+ALL_SCHEDULES = SCHEDULES + [("geometric", dict(geometric_beta_min=1e-5, geometric_beta_max=20.0, eps=1e-3))]
+
+
+@pytest.mark.parametrize(("name", "params"), ALL_SCHEDULES)
+@pytest.mark.parametrize("exact", [False, True])
+def test_near_both_end_points_in_float32(name, params, exact):
+    """t handed over in float32 (as training code does): every quantity is computed in float64. Near t = 0 the
+    endpoint-exact weight behaves like p/t (p the polynomial exponent, else 1); in float32 arithmetic 1 - α
+    of the geometric schedule's exact version was 0 below t = 3e-4 (weight inf, loss NaN) and 23 % off at 1e-3."""
+    schedule = get_noise_schedule(name, **params)
+    schedule = schedule.exact() if exact else schedule
+    small = torch.tensor([1e-12, 1e-8, 1e-5, 1e-3], dtype=torch.float32)
+    near_one = torch.tensor([1 - 1e-6, 1.0], dtype=torch.float32)
+    for t in (small, near_one):
+        for value in (schedule.alpha(t), schedule.masking_probability(t), schedule.weight(t)):
+            assert value.dtype == torch.float64 and bool(torch.isfinite(value).all())
+        assert bool((schedule.masking_probability(t) > 0).all())
+        assert torch.allclose(schedule.weight(t), schedule.weight(t.double()), rtol=1e-12)
+    if exact:
+        limit = params.get("polynomial_exponent", 1.0)
+        assert torch.allclose(small.double() * schedule.weight(small), torch.full((4,), limit, dtype=torch.float64),
+                              rtol=2e-2)  # fmt: skip
+        masking = schedule.masking_probability(torch.tensor([0.0, 1.0]))
+        assert torch.allclose(masking, torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-15)
+    p = schedule.reveal_probability(small, small / 2)
+    assert bool(((p > 0) & (p < 1)).all())
+
+
+def test_geometric_schedule_honours_noise_eps():
+    plain = get_noise_schedule("geometric")
+    shifted = get_noise_schedule("geometric", eps=0.1)
+    t = GRID
+    assert torch.allclose(1 - shifted.alpha(t), 0.9 * (1 - plain.alpha(t)), rtol=1e-12)
+    assert abs(float(shifted.alpha(torch.tensor(1.0))) - 0.1) < 1e-8
+    assert torch.allclose(shifted.weight(t), plain.weight(t), rtol=1e-12)  # eps cancels in the weight

@@ -55,7 +55,8 @@ def sample_mask_counts(
     num_sub_tokens: int,
     strata: torch.Tensor,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_level: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rao-Blackwellised forward process for the continuous-time ELBO of a time-independent network.
 
     With t ~ U(0, 1) and each of a sequence's N elements masked with probability t, the number masked, k, is
@@ -67,9 +68,20 @@ def sample_mask_counts(
     with exact end points (the bound depends on the schedule only through them). Unlike sampling t, whose
     weight 1/t has an infinite second moment near t = 0, the weight N/k is bounded by N.
 
+    For a time-conditioned network, which must be told the noise level, the same holds with the masking
+    probability drawn given k: t | k ~ Beta(k + 1, N - k + 1) under the forward process, and the 1/t weight
+    turns that density into ((N + 1)/k) · Beta(k, N - k + 1), so
+
+        ∫_0^1 (1/t) E_q[S(y_t, t)] dt = E_{k ~ U{1..N}} E_{t ~ Beta(k, N-k+1)} E_{|M| = k}[ (N / k) · S(M, t) ].
+
+    The k-th smallest of the N uniform keys that choose M is such a t, and it is independent of which k
+    elements they choose, so it comes for free (``return_level``). The weight stays N/k.
+
     Args:
         maskable: ``(B, L)`` bool, positions whose ℓ sub-tokens may be masked (N = ℓ · count per row).
         strata: ``(B,)`` in [0, 1): k = 1 + floor(strata · N) (pass low-discrepancy values to stratify).
+        return_level: also return the ``(B,)`` masking probabilities t ~ Beta(k, N - k + 1) (float64; 1 for
+            rows with nothing maskable).
     Returns:
         ``(B, L, ℓ)`` bool masks with exactly k masked elements per row, and ``(B,)`` weights N / k (0 for
         rows with nothing maskable).
@@ -80,11 +92,15 @@ def sample_mask_counts(
     count = (1 + torch.floor(strata.double() * total)).long().clamp(max=total.clamp(min=1))
     keys = torch.rand(elements.shape, generator=generator, device=maskable.device, dtype=torch.float64)
     keys = keys.masked_fill(~elements, 2.0).flatten(1)  # never chosen
+    order = keys.argsort(1)
     rank = torch.empty_like(keys, dtype=torch.long)
-    rank.scatter_(1, keys.argsort(1), torch.arange(keys.shape[1], device=keys.device).expand_as(rank))
+    rank.scatter_(1, order, torch.arange(keys.shape[1], device=keys.device).expand_as(rank))
     masked = (rank < count.unsqueeze(1)).view(elements.shape) & elements
     weight = torch.where(total > 0, total.double() / count, torch.zeros_like(total, dtype=torch.float64))
-    return masked, weight.float()
+    if not return_level:
+        return masked, weight.float()
+    level = keys.gather(1, order.gather(1, (count - 1).unsqueeze(1))).squeeze(1)
+    return masked, weight.float(), torch.where(total > 0, level, torch.ones_like(level))
 
 
 def _padded_grid(logits: torch.Tensor, codec: SubTokenCodec, copy: bool = False) -> torch.Tensor:

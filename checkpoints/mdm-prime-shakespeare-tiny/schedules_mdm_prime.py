@@ -5,9 +5,9 @@ Every schedule gives α(t), α'(t) and the continuous-time ELBO weight ``w(t) = 
 
 The ``eps`` of a schedule scales the masking probability, ``1 - α = (1 - eps)(1 - α̃)``: α(0) = 1 still,
 α(1) = eps, and the weights keep the closed forms of method.md's table (MDLM's linear schedule is
-``α = 1 - (1 - eps) t``). Likelihood bounds and the sampler call :meth:`NoiseSchedule.exact`, the
-endpoint-exact version (α(0) = 1, α(1) = 0), so the reverse process starts from the all-masked prior and
-no prior or reconstruction term is dropped.
+``α = 1 - (1 - eps) t``; the geometric schedule takes the same shift). Likelihood bounds and the sampler call
+:meth:`NoiseSchedule.exact`, the endpoint-exact version (α(0) = 1, α(1) = 0), so the reverse process starts
+from the all-masked prior and no prior or reconstruction term is dropped.
 
 Plain torch: no model, no I/O.
 """
@@ -19,8 +19,18 @@ import math
 import torch
 
 
+def _float64(t: torch.Tensor | float) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
 class NoiseSchedule:
-    """Base class. Subclasses implement :meth:`alpha` and :meth:`alpha_derivative` on tensors t (any shape)."""
+    """Base class. Subclasses implement :meth:`alpha` and :meth:`alpha_derivative` on tensors t (any shape).
+
+    Every quantity is computed and returned in float64, whatever the dtype of t: in float32, 1 - α loses every
+    digit near t = 0 for schedules whose α(0) is not exactly 1 (the geometric one, or any endpoint-exact
+    version), which turns the weight into inf and the loss into NaN. :meth:`masking_probability` (1 - α) is
+    the number to use in denominators; subclasses compute it without cancellation where they can.
+    """
 
     name = "base"
 
@@ -30,17 +40,22 @@ class NoiseSchedule:
     def alpha_derivative(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def masking_probability(self, t: torch.Tensor) -> torch.Tensor:
+        """``1 - α(t)``, the probability that an element is masked at t."""
+        return 1.0 - self.alpha(t)
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """ELBO weight ``w(t) = -α'(t) / (1 - α(t))``."""
-        return -self.alpha_derivative(t) / (1.0 - self.alpha(t))
+        return -self.alpha_derivative(t) / self.masking_probability(t)
 
     def reveal_probability(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """Probability that an element masked at t is revealed by s < t: ``(α_s - α_t) / (1 - α_t)``.
+        """Probability that an element masked at t is revealed by s < t: ``(α_s - α_t) / (1 - α_t)``
+        ``= (m_t - m_s) / m_t`` with m = 1 - α.
 
         This is also the discrete-time ELBO weight that replaces ``w(t) dt``.
         """
-        alpha_t = self.alpha(t)
-        return ((self.alpha(s) - alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
+        m_t = self.masking_probability(t)
+        return ((m_t - self.masking_probability(s)) / m_t).clamp(0.0, 1.0)
 
     def exact(self) -> NoiseSchedule:
         """The endpoint-exact schedule ``(α(t) - α(1)) / (α(0) - α(1))`` with α(0) = 1, α(1) = 0."""
@@ -60,13 +75,16 @@ class LinearSchedule(NoiseSchedule):
         self.eps = float(eps)
 
     def alpha(self, t):
-        return 1.0 - (1.0 - self.eps) * t
+        return 1.0 - (1.0 - self.eps) * _float64(t)
 
     def alpha_derivative(self, t):
-        return torch.full_like(t, -(1.0 - self.eps))
+        return torch.full_like(_float64(t), -(1.0 - self.eps))
+
+    def masking_probability(self, t):
+        return (1.0 - self.eps) * _float64(t)
 
     def weight(self, t):
-        return 1.0 / t
+        return 1.0 / _float64(t)
 
 
 class PolynomialSchedule(NoiseSchedule):
@@ -79,13 +97,16 @@ class PolynomialSchedule(NoiseSchedule):
         self.eps = float(eps)
 
     def alpha(self, t):
-        return 1.0 - (1.0 - self.eps) * t**self.exponent
+        return 1.0 - self.masking_probability(t)
 
     def alpha_derivative(self, t):
-        return -(1.0 - self.eps) * self.exponent * t ** (self.exponent - 1.0)
+        return -(1.0 - self.eps) * self.exponent * _float64(t) ** (self.exponent - 1.0)
+
+    def masking_probability(self, t):
+        return (1.0 - self.eps) * _float64(t) ** self.exponent
 
     def weight(self, t):
-        return self.exponent / t
+        return self.exponent / _float64(t)
 
 
 class CosineSchedule(NoiseSchedule):
@@ -97,55 +118,75 @@ class CosineSchedule(NoiseSchedule):
         self.eps = float(eps)
 
     def alpha(self, t):
-        return 1.0 - (1.0 - self.eps) * torch.cos(0.5 * math.pi * (1.0 - t))
+        return 1.0 - self.masking_probability(t)
 
     def alpha_derivative(self, t):
-        return -(1.0 - self.eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * (1.0 - t))
+        return -(1.0 - self.eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * (1.0 - _float64(t)))
+
+    def masking_probability(self, t):
+        # cos(π/2 (1 - t)) = sin(π/2 t): exact near t = 0, where the cosine form rounds to 6e-17 at t = 0.
+        return (1.0 - self.eps) * torch.sin(0.5 * math.pi * _float64(t))
 
     def weight(self, t):
-        return 0.5 * math.pi * torch.tan(0.5 * math.pi * (1.0 - t))
+        return 0.5 * math.pi * torch.tan(0.5 * math.pi * (1.0 - _float64(t)))
 
 
 class GeometricSchedule(NoiseSchedule):
-    """``α_t = exp(-β_min^(1-t) β_max^t)`` (MD4), ``w(t) = α/(1-α) · β_min^(1-t) β_max^t · log(β_max/β_min)``.
+    """``α_t = 1 - (1 - eps)(1 - exp(-β_min^(1-t) β_max^t))`` (MD4, with the ``eps`` shift of the other
+    schedules), ``w(t) = e^-β / (1 - e^-β) · β · log(β_max/β_min)`` (eps cancels in the weight).
 
-    Its endpoints are only approximately 1 and 0 (α(0) = e^-β_min, α(1) = e^-β_max).
+    Its endpoints are only approximately 1 and 0 (α(0) = e^-β_min up to eps, α(1) ≈ eps + e^-β_max).
     """
 
     name = "geometric"
 
-    def __init__(self, beta_min: float = 1e-5, beta_max: float = 20.0):
+    def __init__(self, beta_min: float = 1e-5, beta_max: float = 20.0, eps: float = 0.0):
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
+        self.eps = float(eps)
 
     def _beta(self, t):
+        t = _float64(t)
         return self.beta_min ** (1.0 - t) * self.beta_max**t
 
     def alpha(self, t):
-        return torch.exp(-self._beta(t))
+        return 1.0 - self.masking_probability(t)
 
     def alpha_derivative(self, t):
         beta = self._beta(t)
-        return -torch.exp(-beta) * beta * math.log(self.beta_max / self.beta_min)
+        return -(1.0 - self.eps) * torch.exp(-beta) * beta * math.log(self.beta_max / self.beta_min)
+
+    def masking_probability(self, t):
+        return -(1.0 - self.eps) * torch.expm1(-self._beta(t))  # 1 - e^-β without cancellation
 
     def weight(self, t):
-        alpha, beta = self.alpha(t), self._beta(t)
-        return alpha / (1.0 - alpha) * beta * math.log(self.beta_max / self.beta_min)
+        beta = self._beta(t)
+        return -torch.exp(-beta) / torch.expm1(-beta) * beta * math.log(self.beta_max / self.beta_min)
 
 
 class _EndpointExact(NoiseSchedule):
+    """``α̂ = (α - α(1)) / (α(0) - α(1))``; ``1 - α̂ = (m - m(0)) / (m(1) - m(0))`` with m = 1 - α."""
+
     def __init__(self, schedule: NoiseSchedule):
         self.schedule = schedule
         self.name = f"{schedule.name}-exact"
-        ends = schedule.alpha(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist()
-        self._alpha0, self._alpha1 = ends
-        self._range = ends[0] - ends[1]
+        ends = schedule.masking_probability(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist()
+        self._m0, self._m1 = ends
+        self._range = ends[1] - ends[0]
 
     def alpha(self, t):
-        return (self.schedule.alpha(t) - self._alpha1) / self._range
+        return 1.0 - self.masking_probability(t)
 
     def alpha_derivative(self, t):
         return self.schedule.alpha_derivative(t) / self._range
+
+    def masking_probability(self, t):
+        if isinstance(self.schedule, GeometricSchedule):
+            # m - m(0) = (1 - eps)(e^-β_min - e^-β) = -(1 - eps) e^-β_min expm1(β_min - β): exact near t = 0.
+            g = self.schedule
+            difference = -(1.0 - g.eps) * math.exp(-g.beta_min) * torch.expm1(g.beta_min - g._beta(t))
+            return difference / self._range
+        return (self.schedule.masking_probability(t) - self._m0) / self._range
 
     def weight(self, t):
         # For the linear family the exact schedule is α = 1 - t^p; keep the closed form (no cancellation).
@@ -172,7 +213,7 @@ def get_noise_schedule(
     if name == "cosine":
         return CosineSchedule(eps)
     if name == "geometric":
-        return GeometricSchedule(geometric_beta_min, geometric_beta_max)
+        return GeometricSchedule(geometric_beta_min, geometric_beta_max, eps)
     raise ValueError(f"unknown noise schedule {name!r}; expected linear, polynomial, cosine or geometric.")
 
 

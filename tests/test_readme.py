@@ -1,0 +1,48 @@
+"""Every python block of README.md runs as written, in a fresh process, without an interactive prompt."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_remote_code import tf4_python
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCKS = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+
+
+def run_block(python: str, code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
+    return subprocess.run(
+        [python, "-c", code], cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_readme_has_python_blocks():
+    assert len(BLOCKS) >= 3
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_block_runs(index, tmp_path):
+    result = run_block(sys.executable, BLOCKS[index], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[y/N]" not in result.stdout + result.stderr
+
+
+def test_readme_snippets_without_the_package_on_transformers_4_57(tmp_path):
+    """The blocks that need only the checkpoint's code run on transformers 4.57 too."""
+    python = tf4_python()
+    if python is None:
+        if os.environ.get("MDM_PRIME_REQUIRE_TF4") == "1":
+            pytest.fail("MDM_PRIME_REQUIRE_TF4=1 but no transformers 4.57 interpreter was found")
+        pytest.skip("no transformers 4.57 env (.ci/run builds one)")
+    for code in BLOCKS:
+        if "modeling_mdm_prime" in code:
+            continue
+        result = run_block(python, 'import sys; sys.modules["modeling_mdm_prime"] = None\n' + code, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "[y/N]" not in result.stdout + result.stderr
