@@ -11,7 +11,9 @@ import numbers
 
 from transformers import PretrainedConfig
 
-NOISE_SCHEDULES = ("linear", "polynomial", "cosine", "geometric")
+NOISE_SCHEDULES = ("linear", "polynomial", "cosine", "geometric", "learnable_polynomial")
+# GenMD4 (method.md §2): one learnable power per token value, α_{t,i} = 1 - t^{w_i}.
+STATE_DEPENDENT_SCHEDULES = ("learnable_polynomial",)
 LOSS_TYPES = ("elbo", "prime")
 
 AUTO_MAP = {
@@ -70,7 +72,11 @@ class MDMPrimeConfig(PretrainedConfig):
         time_conditioning: condition every block on t through adaLN (DiT). When ``False`` the network
             is time independent, which makes the sampler's idle-step cache exact.
         time_embedding_size: width of the timestep embedding used by adaLN.
-        noise_schedule: one of ``"linear"``, ``"polynomial"``, ``"cosine"``, ``"geometric"``. The sampler's
+        noise_schedule: one of ``"linear"``, ``"polynomial"``, ``"cosine"``, ``"geometric"``, or
+            ``"learnable_polynomial"`` (GenMD4, method.md §2: ``α_{t,i} = 1 - t^{w_i}``, ``w = softplus(ŵ)``, one
+            learnable ŵ per token value, initialised to w = 1; it needs ``num_sub_tokens=1`` and
+            ``time_conditioning=True``, trains with a REINFORCE leave-one-out gradient and ignores ``noise_eps``:
+            training and bounds use the endpoint-exact schedule). For the fixed schedules, the sampler's
             reveal probabilities and the discrete-time bound follow its endpoint-exact version (α(0) = 1,
             α(1) = 0), and so does training at explicit ``timesteps``. The default training objective and
             ``nll_bound`` use the count estimator, for which every schedule gives the same objective (the
@@ -189,6 +195,19 @@ class MDMPrimeConfig(PretrainedConfig):
             )
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}.")
+        if self.noise_schedule in STATE_DEPENDENT_SCHEDULES:
+            if num_sub_tokens != 1:
+                raise ValueError(
+                    f"noise_schedule={self.noise_schedule!r} (GenMD4) is defined for whole tokens: use "
+                    f"num_sub_tokens=1, got {num_sub_tokens}. Per-sub-token learnable schedules are not implemented "
+                    "(their masking probabilities, bound and sampler would need their own derivation)."
+                )
+            if self.time_conditioning is not True:
+                raise ValueError(
+                    f"noise_schedule={self.noise_schedule!r} needs time_conditioning=True: with one masking "
+                    "schedule per token value the exact posterior q(x0 | x_t) depends on t, not only on x_t, so a "
+                    "time-independent network cannot represent it."
+                )
         if not 0.0 <= number("noise_eps") < 1.0:
             raise ValueError(f"noise_eps must be in [0, 1), got {self.noise_eps}.")
         for name in ("polynomial_exponent", "rope_theta", "layer_norm_eps", "geometric_beta_min"):

@@ -29,8 +29,10 @@ from .sampling_mdm_prime import (
     CONFIDENCE_MEASURES,
     STRATEGIES,
     TIME_GRIDS,
+    AncestralStrategy,
     SamplerStepInput,
     SamplerStrategy,
+    StateDependentStrategy,
     content_words,
     counter_uniform,
     get_sampler_strategy,
@@ -102,7 +104,8 @@ class MDMPrimeGenerationConfig(GenerationConfig):
         time_grid: ``"uniform"`` or ``"cosine"`` spacing of a block's steps from t = 1 to t = 0.
         strategy: ``"ancestral"`` (the exact MDM-Prime sampler, default), ``"confidence"`` (MaskGIT / LLaDA /
             Dream ordering) or ``"threshold"`` (Fast-dLLM parallel decoding); ``generate(strategy=obj)`` also
-            takes a :class:`SamplerStrategy` object. The last two are approximate samplers.
+            takes a :class:`SamplerStrategy` object. The last two are approximate samplers. ``"state_dependent"``
+            is the exact sampler of GenMD4 models, which also run ``"ancestral"`` as it.
         confidence_measure: ``"probability"``, ``"margin"`` or ``"entropy"`` (confidence and threshold).
         threshold: the confidence a digit needs to be revealed by the threshold strategy.
         block_length: decode the generated positions in blocks of this many tokens, left to right
@@ -426,64 +429,70 @@ class MDMPrimeGenerationMixin:
                     "starts at the first or ends at the last position (no holes)."
                 )
 
+    def _template_from_sub_token_ids(self, sub_token_ids, attention_mask, config) -> tuple[torch.Tensor, ...]:
+        """``(B, L, ℓ)`` digits with masks -> (sub_ids, fixed, real, filler): the masked digits are generated."""
+        codec, device = self.codec, self.device
+        if sub_token_ids.dim() != 3:
+            raise ValueError(f"sub_token_ids must have shape (batch, length, ℓ), got {tuple(sub_token_ids.shape)}.")
+        codec.check_sub_ids(sub_token_ids, "sub_token_ids")
+        sub_ids = sub_token_ids.to(device)
+        real = torch.ones(sub_ids.shape[:2], dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            if attention_mask.shape != sub_ids.shape[:2]:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} != sub_token_ids shape "
+                    f"{tuple(sub_ids.shape[:2])} (batch, length)."
+                )
+            real = attention_mask.to(device).bool()
+        fixed = (sub_ids != codec.mask_id) | ~real.unsqueeze(-1)
+        sub_ids = sub_ids.masked_fill(~real.unsqueeze(-1), codec.mask_id)
+        impossible = ~codec.consistency_mask(sub_ids).any(-1) & real
+        if bool(impossible.any()):
+            raise ValueError(
+                f"sub_token_ids at (batch, position) {tuple(impossible.nonzero()[0].tolist())} fix digits that "
+                f"match no token id below vocab_size={codec.vocab_size}."
+            )
+        filler = torch.full(real.shape, self._pad_id(config), dtype=torch.long, device=device)
+        return sub_ids, fixed, real, filler
+
+    def _template_from_input_ids(self, input_ids, attention_mask, infill_mask) -> tuple[torch.Tensor, ...]:
+        """``(B, P)`` prompts (or a template with ``infill_mask``) -> (sub_ids, fixed, real, filler)."""
+        device = self.device
+        if input_ids is None:
+            input_ids = torch.empty(1, 0, dtype=torch.long, device=device)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}.")
+        input_ids = input_ids.to(device)
+        real = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
+        )
+        if real.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(real.shape)} != input_ids shape {tuple(input_ids.shape)}.")
+        sub_ids = self.codec.encode(torch.where(real, input_ids, torch.zeros_like(input_ids)))  # validates the ids
+        fixed = torch.ones_like(sub_ids, dtype=torch.bool)
+        if infill_mask is not None:
+            infill = infill_mask.to(device).bool()
+            if infill.shape != input_ids.shape:
+                raise ValueError(
+                    f"infill_mask shape {tuple(infill.shape)} != input_ids shape {tuple(input_ids.shape)}."
+                )
+            if bool((infill & ~real).any()):
+                raise ValueError("infill_mask marks padded positions; only real positions can be filled.")
+            fixed &= ~infill.unsqueeze(-1)
+            sub_ids = sub_ids.masked_fill(infill.unsqueeze(-1), self.codec.mask_id)
+        return sub_ids, fixed, real, input_ids.clone()
+
     def _prepare_canvas(
         self, input_ids, attention_mask, infill_mask, sub_token_ids, config, from_call, seed
     ) -> _Canvas:
-        codec = self.codec
-        device = self.device
+        """The canvas: fixed digits, positions to generate (appended after each prompt), and each row's key."""
+        codec, device = self.codec, self.device
         if sub_token_ids is not None:
             if input_ids is not None or infill_mask is not None:
                 raise ValueError("pass either sub_token_ids or input_ids (with an optional infill_mask), not both.")
-            if sub_token_ids.dim() != 3:
-                raise ValueError(f"sub_token_ids must have shape (batch, length, ℓ), got {tuple(sub_token_ids.shape)}.")
-            codec.check_sub_ids(sub_token_ids, "sub_token_ids")
-            sub_ids = sub_token_ids.to(device)
-            real = torch.ones(sub_ids.shape[:2], dtype=torch.bool, device=device)
-            if attention_mask is not None:
-                if attention_mask.shape != sub_ids.shape[:2]:
-                    raise ValueError(
-                        f"attention_mask shape {tuple(attention_mask.shape)} != sub_token_ids shape "
-                        f"{tuple(sub_ids.shape[:2])} (batch, length)."
-                    )
-                real = attention_mask.to(device).bool()
-            fixed = (sub_ids != codec.mask_id) | ~real.unsqueeze(-1)
-            sub_ids = sub_ids.masked_fill(~real.unsqueeze(-1), codec.mask_id)
-            impossible = ~codec.consistency_mask(sub_ids).any(-1) & real
-            if bool(impossible.any()):
-                raise ValueError(
-                    f"sub_token_ids at (batch, position) {tuple(impossible.nonzero()[0].tolist())} fix digits that "
-                    f"match no token id below vocab_size={codec.vocab_size}."
-                )
-            filler = torch.full(real.shape, self._pad_id(config), dtype=torch.long, device=device)
+            sub_ids, fixed, real, filler = self._template_from_sub_token_ids(sub_token_ids, attention_mask, config)
         else:
-            if input_ids is None:
-                input_ids = torch.empty(1, 0, dtype=torch.long, device=device)
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}.")
-            input_ids = input_ids.to(device)
-            real = (
-                torch.ones_like(input_ids, dtype=torch.bool)
-                if attention_mask is None
-                else attention_mask.to(device).bool()
-            )
-            if real.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask shape {tuple(real.shape)} != input_ids shape {tuple(input_ids.shape)}."
-                )
-            ids = torch.where(real, input_ids, torch.zeros_like(input_ids))
-            sub_ids = codec.encode(ids)  # validates the ids
-            fixed = torch.ones_like(sub_ids, dtype=torch.bool)
-            if infill_mask is not None:
-                infill = infill_mask.to(device).bool()
-                if infill.shape != input_ids.shape:
-                    raise ValueError(
-                        f"infill_mask shape {tuple(infill.shape)} != input_ids shape {tuple(input_ids.shape)}."
-                    )
-                if bool((infill & ~real).any()):
-                    raise ValueError("infill_mask marks padded positions; only real positions can be filled.")
-                fixed &= ~infill.unsqueeze(-1)
-                sub_ids = sub_ids.masked_fill(infill.unsqueeze(-1), codec.mask_id)
-            filler = input_ids.clone()
+            sub_ids, fixed, real, filler = self._template_from_input_ids(input_ids, attention_mask, infill_mask)
 
         has_template = infill_mask is not None or sub_token_ids is not None
         new_tokens = self._num_new_tokens(sub_ids.shape[1], has_template, config, from_call)
@@ -704,8 +713,10 @@ class MDMPrimeGenerationMixin:
                 ``[A, A]`` gives the same two samples as ``[A]`` with ``num_return_sequences=2``.
             step_callback: called with an :class:`MDMPrimeSamplerState` after every step; returning True stops
                 early and fills the remaining masked sub-tokens in one final pass.
-            strategy: a strategy name (``"ancestral"``, ``"confidence"``, ``"threshold"``) or a
-                :class:`SamplerStrategy` object (your own subclass, or e.g. ``ThresholdStrategy(0.8, "margin")``).
+            strategy: a strategy name (``"ancestral"``, ``"confidence"``, ``"threshold"``, ``"state_dependent"``) or
+                a :class:`SamplerStrategy` object (your own subclass, or e.g. ``ThresholdStrategy(0.8, "margin")``).
+                GenMD4 models (``noise_schedule="learnable_polynomial"``) run ``"ancestral"`` as
+                :class:`StateDependentStrategy`, its exact counterpart for state-dependent schedules.
 
         Batched = one at a time: in float32, each row equals its single-prompt output exactly. In bfloat16 or
         float16 the noise is still per row, but the network's rounding depends on the batch shape (padding,
@@ -733,6 +744,9 @@ class MDMPrimeGenerationMixin:
                 confidence_measure=config.confidence_measure,
                 threshold=config.threshold,
             )
+        if getattr(self, "state_dependent", False) and type(strategy) is AncestralStrategy:
+            # GenMD4 (learnable_polynomial): the exact ancestral sampler of a state-dependent schedule.
+            strategy = StateDependentStrategy(strategy.time_grid, strategy.float64)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
 

@@ -278,8 +278,116 @@ def discrete_step_terms(
     return -log_probs[:, 0]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# GenMD4: state-dependent schedules (method.md §2), ℓ = 1
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sample_state_dependent_masks(
+    targets: torch.Tensor,
+    log_masking_probability: torch.Tensor,
+    maskable: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Forward process of a state-dependent schedule: position n is masked with probability ``1 - α_{t, x_n}``.
+
+    Args:
+        targets: ``(B, L)`` clean token ids (only their shape and device are used here).
+        log_masking_probability: ``(B, L)`` float64 ``log(1 - α_{t, x_n})`` at each row's t.
+        maskable: ``(B, L)`` bool; other positions stay clean.
+    Returns:
+        ``(B, L)`` bool, True where masked.
+    """
+    u = torch.rand(targets.shape, generator=generator, device=targets.device, dtype=torch.float64)
+    return (u < log_masking_probability.detach().exp()) & maskable
+
+
+def state_dependent_mask_log_prob(
+    masked: torch.Tensor,
+    log_masking_probability: torch.Tensor,
+    log_alpha: torch.Tensor,
+    maskable: torch.Tensor,
+) -> torch.Tensor:
+    """``log q(z | x0) = Σ_n [log(1 - α_{t,x_n}) if z_n masked else log α_{t,x_n}]`` over maskable positions.
+
+    Args: ``(B, L)`` each (masks bool, log-probabilities float64, differentiable in the powers).
+    Returns: ``(B,)`` float64, the score-function term of the REINFORCE gradient.
+    """
+    terms = torch.where(masked, log_masking_probability, log_alpha)
+    return torch.where(maskable, terms, torch.zeros_like(terms)).sum(-1)
+
+
+def genmd4_integrand(logits: torch.Tensor, targets: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
+    """GenMD4's continuous-time NELBO integrand per masked position, without its 1/t factor (method.md §2):
+
+        g = Σ_j w_j μ_j - w_x - w_x log μ_x   (>= 0; = -w log μ_x, MD4's polynomial integrand, if all w_j = w)
+
+    where μ = softmax(logits) is the denoiser's distribution, x the clean token and w the powers. It is the
+    continuous-time KL between the reverse jump rates of the forward process, ``(w_x / t) δ_{ix}``, and of the
+    model, ``(w_i / t) μ_i``.
+
+    Args:
+        logits: ``(N, C)`` scores at masked positions; targets: ``(N,)``; powers: ``(C,)`` (differentiable).
+    Returns:
+        ``(N,)`` float32.
+    """
+    log_mu = torch.log_softmax(logits.float(), -1)
+    w = powers.float()
+    expected_power = log_mu.exp() @ w
+    w_x = w[targets]
+    return expected_power - w_x - w_x * log_mu.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
+def genmd4_step_kl(
+    log_probs: torch.Tensor, targets: torch.Tensor, powers: torch.Tensor, t: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
+    """Discrete-time GenMD4 bound term of one reverse step t -> s at a masked position (the KL of the
+    state-dependent reverse kernels, summed over positions by the caller):
+
+        q: reveals x w.p. r_x, stays masked w.p. 1 - r_x;   p: reveals i w.p. r_i μ_i, stays masked w.p.
+        1 - Σ_i r_i μ_i = Σ_i (s/t)^{w_i} μ_i,   with r_i = 1 - (s/t)^{w_i};
+        KL = -r_x log μ_x + (1 - r_x) [w_x log(s/t) - log Σ_i μ_i (s/t)^{w_i}]   (second term 0 at s = 0).
+
+    Args:
+        log_probs: ``(N, C)`` log μ (normalised); targets: ``(N,)``; powers: ``(C,)``;
+        t, s: ``(N,)`` float64 times with 0 <= s < t.
+    Returns:
+        ``(N,)`` float64 nats.
+    """
+    log_mu = log_probs.double()
+    w = powers.double()
+    log_ratio = torch.log(s / t)  # -inf at s = 0
+    last = s <= 0
+    safe_ratio = torch.where(last, torch.zeros_like(log_ratio), log_ratio).unsqueeze(1)  # (N, 1)
+    w_x = w[targets]
+    keep_x = torch.exp(w_x * safe_ratio.squeeze(1))  # (s/t)^{w_x} = 1 - r_x
+    reveal_x = -torch.expm1(w_x * safe_ratio.squeeze(1))
+    log_mu_x = log_mu.gather(1, targets.unsqueeze(1)).squeeze(1)
+    log_stay = torch.logsumexp(log_mu + w * safe_ratio, dim=-1)  # log Σ_i μ_i (s/t)^{w_i}
+    stay_term = keep_x * (w_x * safe_ratio.squeeze(1) - log_stay)
+    return torch.where(last, -log_mu_x, -reveal_x * log_mu_x + stay_term)
+
+
+def reinforce_leave_one_out(
+    loss_1: torch.Tensor, loss_2: torch.Tensor, log_q_1: torch.Tensor, log_q_2: torch.Tensor
+) -> torch.Tensor:
+    """Two-sample REINFORCE leave-one-out surrogate (method.md §2), per sequence:
+
+        ½(L1 + L2) + ½ · stopgrad(L1 - L2) · (log q(z1 | x0) - log q(z2 | x0)).
+
+    Its value is the NELBO estimate ½(L1 + L2); its gradient adds the score-function term that plain autodiff
+    misses because the masks z1, z2 are drawn from q, which depends on the powers. All inputs ``(B,)``.
+    """
+    return 0.5 * (loss_1 + loss_2) + 0.5 * (loss_1 - loss_2).detach() * (log_q_1 - log_q_2)
+
+
 __all__ = [
     "diffusion_terms",
+    "genmd4_integrand",
+    "genmd4_step_kl",
+    "reinforce_leave_one_out",
+    "sample_state_dependent_masks",
+    "state_dependent_mask_log_prob",
     "digit_set_log_probs",
     "discrete_step_terms",
     "sample_mask_counts",

@@ -27,11 +27,27 @@ from transformers.utils import ModelOutput, logging
 from .codec_mdm_prime import SubTokenCodec
 from .configuration_mdm_prime import MDMPrimeConfig
 from .generation_mdm_prime import MDMPrimeGenerationConfig, MDMPrimeGenerationMixin
-from .losses_mdm_prime import diffusion_terms, discrete_step_terms, sample_mask_counts, sample_masks
+from .losses_mdm_prime import (
+    diffusion_terms,
+    discrete_step_terms,
+    genmd4_integrand,
+    genmd4_step_kl,
+    reinforce_leave_one_out,
+    sample_mask_counts,
+    sample_masks,
+    sample_state_dependent_masks,
+    state_dependent_mask_log_prob,
+)
 
 # transformers 4.57 copies only the modeling file's direct relative imports into a checkpoint.
 from .sampling_mdm_prime import SamplerStrategy  # noqa: F401
-from .schedules_mdm_prime import NoiseSchedule, get_noise_schedule, sample_times
+from .schedules_mdm_prime import (
+    NoiseSchedule,
+    StateDependentPolynomialSchedule,
+    get_noise_schedule,
+    sample_times,
+    state_dependent_times,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -49,6 +65,11 @@ class MDMPrimeDiffusionOutput(ModelOutput):
         timesteps: ``(B,)`` the diffusion times, or None when the masks were drawn by count (time-independent
             networks).
         num_tokens: number of tokens the per-token averages are taken over.
+        power_max, power_min, power_mean: GenMD4 (``noise_schedule="learnable_polynomial"``) only: statistics of
+            the learned powers w = softplus(ŵ) (detached scalars), as md4 logs them.
+
+    For GenMD4, ``loss`` is the REINFORCE leave-one-out surrogate (its value equals ``elbo``, its gradient is
+    unbiased for the NELBO's, the powers included) and ``elbo`` is ½(L1 + L2) over the two masks drawn at each t.
     """
 
     loss: torch.FloatTensor | None = None
@@ -56,6 +77,9 @@ class MDMPrimeDiffusionOutput(ModelOutput):
     prime_objective: torch.FloatTensor | None = None
     timesteps: torch.FloatTensor | None = None
     num_tokens: torch.LongTensor | None = None
+    power_max: torch.FloatTensor | None = None
+    power_min: torch.FloatTensor | None = None
+    power_mean: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -217,6 +241,9 @@ class MDMPrimePreTrainedModel(PreTrainedModel):
         if isinstance(module, (MDMPrimeBlock, MDMPrimeFinalNorm)) and module.adaLN_modulation is not None:
             nn.init.zeros_(module.adaLN_modulation.weight)
             nn.init.zeros_(module.adaLN_modulation.bias)
+        # GenMD4: ŵ = log(e - 1), so that every power w = softplus(ŵ) starts at 1 (MD4's linear schedule).
+        if getattr(module, "schedule_power_logits", None) is not None:
+            nn.init.constant_(module.schedule_power_logits, math.log(math.e - 1.0))
 
 
 class MDMPrimeModel(MDMPrimePreTrainedModel):
@@ -327,6 +354,12 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         super().__init__(config)
         self.model = MDMPrimeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        # GenMD4's ŵ, one per token value (a model parameter: trained, saved and loaded like the others).
+        self.schedule_power_logits = (
+            nn.Parameter(torch.full((config.vocab_size,), math.log(math.e - 1.0)))
+            if config.noise_schedule == "learnable_polynomial"
+            else None
+        )
         # transformers 4.57 gives every model a plain GenerationConfig; 5.x uses generation_config_class.
         self.generation_config = MDMPrimeGenerationConfig.from_model_config(config)
         self.post_init()
@@ -336,9 +369,22 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         return self.model.codec
 
     @property
-    def noise_schedule(self) -> NoiseSchedule:
-        """The training schedule (with ``noise_eps``)."""
+    def state_dependent(self) -> bool:
+        """True for GenMD4 models (``noise_schedule="learnable_polynomial"``)."""
+        return self.schedule_power_logits is not None
+
+    @property
+    def powers(self) -> torch.Tensor | None:
+        """GenMD4: the ``(C,)`` powers ``w = softplus(ŵ)`` (differentiable), or None for fixed schedules."""
+        return None if self.schedule_power_logits is None else F.softplus(self.schedule_power_logits)
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule | StateDependentPolynomialSchedule:
+        """The training schedule (with ``noise_eps``). For GenMD4, the state-dependent schedule of the current
+        (detached) powers with eps = 0: GenMD4 trains and reports on the endpoint-exact schedule."""
         c = self.config
+        if self.state_dependent:
+            return StateDependentPolynomialSchedule(self.powers.detach(), 0.0)
         return get_noise_schedule(
             c.noise_schedule, c.noise_eps, c.polynomial_exponent, c.geometric_beta_min, c.geometric_beta_max
         )
@@ -487,7 +533,6 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             self.codec.check_ids(ids, "labels")
             scored = scored & ~keep
         batch = ids.shape[0]
-        clean = self.codec.encode(ids, check=False)
         if timesteps is not None:
             timesteps = torch.as_tensor(timesteps, device=ids.device, dtype=torch.float64)
             if timesteps.dim() > 1 or timesteps.numel() not in (1, batch):
@@ -498,6 +543,10 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             timesteps = timesteps.reshape(-1).expand(batch)
             if bool((~((timesteps > 0) & (timesteps <= 1))).any()):
                 raise ValueError(f"timesteps must lie in (0, 1], got {timesteps.tolist()}.")
+        if self.state_dependent:
+            output = self._genmd4_forward(ids, scored, attention_mask, timesteps, generator)
+            return output if return_dict else output.to_tuple()
+        clean = self.codec.encode(ids, check=False)
         strata = 1.0 - sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64)
         noise = self._corrupt(clean, scored, strata, self.noise_schedule, generator, timesteps=timesteps)
         masked, seq_weight = noise.masked, noise.weight.float()
@@ -520,6 +569,87 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             num_tokens=num_tokens,
         )
         return output if return_dict else output.to_tuple()
+
+    def _genmd4_sample(
+        self,
+        ids: torch.Tensor,
+        scored: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        t: torch.Tensor,
+        powers: torch.Tensor,
+        generator: torch.Generator | None,
+        copies: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``copies`` independent masks per row at the rows' times t ``(B,)``, scored in ONE network call.
+
+        Returns ``masked`` ``(copies·B, L)``, the per-sequence sums ``Σ_{masked n} g_n`` ``(copies·B,)`` of
+        :func:`genmd4_integrand` (differentiable in the network and the powers), ``log q(mask | x0)``
+        ``(copies·B,)`` (differentiable in the powers), and the ``(N, C)`` logits at the masked positions.
+        """
+        batch = ids.shape[0]
+        schedule = StateDependentPolynomialSchedule(powers, 0.0)
+        ids_k, scored_k, t_k = ids.repeat(copies, 1), scored.repeat(copies, 1), t.repeat(copies)
+        log_mask = schedule.log_masking_probability(t_k.unsqueeze(1), ids_k)  # (kB, L) float64
+        masked = sample_state_dependent_masks(ids_k, log_mask, scored_k, generator)
+        log_q = state_dependent_mask_log_prob(masked, log_mask, schedule.log_alpha(t_k.unsqueeze(1), ids_k), scored_k)
+        sub_ids = ids_k.masked_fill(masked, self.codec.mask_id).unsqueeze(-1)
+        mask_k = None if attention_mask is None else attention_mask.repeat(copies, 1)
+        # The network is told t itself: there is no single masking probability under a state-dependent schedule
+        # (at w = 1 it is MD4's 1 - α_t = t).
+        logits = self.token_logits(sub_ids, mask_k, t_k.float(), masked, check_inputs=False)
+        g = genmd4_integrand(logits, ids_k[masked], powers)
+        row_of = torch.arange(copies * batch, device=ids.device).unsqueeze(1).expand_as(masked)[masked]
+        sums = torch.zeros(copies * batch, dtype=g.dtype, device=ids.device).index_add(0, row_of, g)
+        return masked, sums, log_q, logits
+
+    def _genmd4_forward(
+        self,
+        ids: torch.Tensor,
+        scored: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        timesteps: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> MDMPrimeDiffusionOutput:
+        """GenMD4's training objective (method.md §2) on the endpoint-exact schedule ``α_{t,i} = 1 - t^{w_i}``.
+
+        Per sequence: t from :func:`state_dependent_times` (antithetic strata over the batch, importance weight
+        1/p(t); the count estimator does not apply because which positions are masked depends on their values),
+        or the given ``timesteps`` (weight 1). Two masks z1, z2 at the same t, scored in one network call, give
+
+            L_k = (1/p(t)) (1/t) Σ_{n masked in z_k} [Σ_j w_j μ_j - w_{x_n} - w_{x_n} log μ_{x_n}],
+
+        an unbiased estimate of the continuous-time NELBO (α(0) = 1 and α(1) = 0 exactly, so there is no prior
+        or reconstruction term). ``loss`` is the REINFORCE leave-one-out surrogate of
+        :func:`reinforce_leave_one_out`, ``elbo`` = ½(L1 + L2); both per scored token.
+        """
+        batch = ids.shape[0]
+        powers = self.powers
+        if timesteps is None:
+            strata = 1.0 - sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64)
+            t, inverse_density = state_dependent_times(strata, float(powers.detach().min()))
+        else:
+            t, inverse_density = timesteps, torch.ones_like(timesteps)
+        _, sums, log_q, _ = self._genmd4_sample(ids, scored, attention_mask, t, powers, generator, copies=2)
+        coefficient = (inverse_density / t).repeat(2).to(sums.dtype)
+        per_sequence = (coefficient * sums).view(2, batch)
+        log_q = log_q.view(2, batch)
+        log_q = log_q.to(per_sequence.dtype)
+        surrogate = reinforce_leave_one_out(per_sequence[0], per_sequence[1], log_q[0], log_q[1])
+        num_tokens = scored.sum()
+        denom = num_tokens.clamp(min=1)
+        loss = surrogate.sum() / denom
+        elbo = (0.5 * per_sequence.sum(0)).sum().detach() / denom
+        w = powers.detach()
+        return MDMPrimeDiffusionOutput(
+            loss=loss,
+            elbo=elbo,
+            prime_objective=elbo,  # ℓ = 1: the paper objective is the bound
+            timesteps=t.float(),
+            num_tokens=num_tokens,
+            power_max=w.max(),
+            power_min=w.min(),
+            power_mean=w.mean(),
+        )
 
     @torch.no_grad()
     def denoise(
@@ -599,6 +729,8 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
             raise ValueError(f"num_steps must be a positive integer or None, got {num_steps!r}.")
         ids, scored = self._prepare_tokens(input_ids, attention_mask)
+        if self.state_dependent:
+            return self._genmd4_nll_bound(ids, scored, attention_mask, num_samples, num_steps, generator)
         batch, device = ids.shape[0], ids.device
         schedule = self.noise_schedule.exact()
         clean = self.codec.encode(ids, check=False)
@@ -633,16 +765,8 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         finally:
             self.train(was_training)
 
-        def mean_and_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            stderr = (
-                samples.std(1) / math.sqrt(num_samples)
-                if num_samples > 1
-                else torch.full_like(samples[:, 0], float("nan"))
-            )
-            return samples.mean(1), stderr
-
-        nll, nll_stderr = mean_and_stderr(valid_samples)
-        prime, prime_stderr = mean_and_stderr(prime_samples) if num_steps is None else (None, None)
+        nll, nll_stderr = _mean_and_stderr(valid_samples)
+        prime, prime_stderr = _mean_and_stderr(prime_samples) if num_steps is None else (None, None)
         return MDMPrimeNLLOutput(
             nll=nll,
             nll_stderr=nll_stderr,
@@ -650,6 +774,64 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             paper_objective=prime,
             paper_objective_stderr=prime_stderr,
         )
+
+    @torch.no_grad()
+    def _genmd4_nll_bound(
+        self,
+        ids: torch.Tensor,
+        scored: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        num_samples: int,
+        num_steps: int | None,
+        generator: torch.Generator | None,
+    ) -> MDMPrimeNLLOutput:
+        """:meth:`nll_bound` of a GenMD4 model, on the endpoint-exact schedule ``α_{t,i} = 1 - t^{w_i}``
+        (α(0) = 1, α(1) = 0 for every value: no prior and no reconstruction term is dropped or needed).
+
+        Continuous time: per sample, t from :func:`state_dependent_times` (stratified over the K samples) and one
+        mask; the term ``(1/p(t)) (1/t) Σ_{masked n} [Σ_j w_j μ_j - w_x - w_x log μ_x]`` is unbiased with finite
+        variance. Discrete time (T steps, t = i/T, s = (i-1)/T, i ~ U{1..T}): ``T Σ_{masked n} KL_n`` with the
+        per-position KL of the state-dependent reverse kernels in closed form (:func:`genmd4_step_kl`), so the
+        reveal sets need not be sampled.
+        """
+        batch, device = ids.shape[0], ids.device
+        powers = self.powers.detach()
+        u = torch.rand(batch, 1, generator=generator, device=device, dtype=torch.float64)
+        strata = torch.remainder(u + torch.arange(num_samples, device=device) / num_samples, 1.0)  # (B, K)
+        samples = torch.zeros(batch, num_samples, dtype=torch.float64, device=device)
+        was_training = self.training
+        self.eval()
+        try:
+            for k in range(num_samples):
+                if num_steps is None:
+                    t, inverse_density = state_dependent_times(strata[:, k], float(powers.min()))
+                    _, sums, _, _ = self._genmd4_sample(ids, scored, attention_mask, t, powers, generator, 1)
+                    samples[:, k] = sums.double() * inverse_density / t
+                else:
+                    step = torch.floor(strata[:, k] * num_steps) + 1
+                    t, s = step / num_steps, (step - 1) / num_steps
+                    masked, _, _, logits = self._genmd4_sample(ids, scored, attention_mask, t, powers, generator, 1)
+                    row_of = torch.arange(batch, device=device).unsqueeze(1).expand_as(masked)[masked]
+                    kl = genmd4_step_kl(logits.float().log_softmax(-1), ids[masked], powers, t[row_of], s[row_of])
+                    samples[:, k].index_add_(0, row_of, kl * num_steps)
+        finally:
+            self.train(was_training)
+        nll, nll_stderr = _mean_and_stderr(samples)
+        return MDMPrimeNLLOutput(
+            nll=nll,
+            nll_stderr=nll_stderr,
+            num_tokens=scored.sum(1),
+            paper_objective=nll if num_steps is None else None,  # ℓ = 1: the paper objective is the bound
+            paper_objective_stderr=nll_stderr if num_steps is None else None,
+        )
+
+
+def _mean_and_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, K)`` Monte-Carlo samples -> their ``(B,)`` means and standard errors (NaN for K = 1)."""
+    num_samples = samples.shape[1]
+    if num_samples > 1:
+        return samples.mean(1), samples.std(1) / math.sqrt(num_samples)
+    return samples.mean(1), torch.full_like(samples[:, 0], float("nan"))
 
 
 # save_pretrained copies this file and every file it imports next to the weights (trust_remote_code); the

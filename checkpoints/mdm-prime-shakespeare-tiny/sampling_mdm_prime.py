@@ -14,6 +14,8 @@ Strategies shipped here:
   number of reveals per step as the ancestral sampler. Approximate.
 * :class:`ThresholdStrategy`: Fast-dLLM's parallel decoding: reveal everything whose confidence exceeds a
   threshold (at least one element per row), so the number of steps adapts to the text. Approximate.
+* :class:`StateDependentStrategy` (exact, GenMD4 models): the ancestral sampler of a state-dependent schedule
+  (method.md §2); ``generate()`` uses it instead of the ancestral one for ``learnable_polynomial`` models.
 
 Confidence is measured per *sub-token* (for ℓ = 1, per token): digit j of a position is scored by its
 marginal ``p̄(y^j | y_t) = Σ_{x: digit j of x = v} p_θ(x | y_t)``. A partially masked token is a state of
@@ -308,6 +310,11 @@ class SamplerStrategy:
             codec: the model's sub-token codec.
             schedule: the masking schedule; its endpoint-exact version is used (α(1) = 0, α(0) = 1).
         """
+        if getattr(schedule, "state_dependent", False):
+            # GenMD4: there is no single α(t). The scalar grid follows α = 1 - t, so noise_level() tells the
+            # network t itself (what GenMD4 networks are trained with), and the confidence strategy's quota is
+            # the linear schedule's; StateDependentStrategy uses the per-value schedule on top of this grid.
+            schedule = LinearSchedule()
         schedule = (schedule or LinearSchedule()).exact()
         self.codec = codec
         self.steps_per_block = steps_per_block.long()
@@ -485,7 +492,72 @@ class ThresholdStrategy(ConfidenceStrategy):
         return ((flat > self.threshold) | best).view_as(state.updatable)
 
 
-STRATEGIES = {cls.name: cls for cls in (AncestralStrategy, ConfidenceStrategy, ThresholdStrategy)}
+class StateDependentStrategy(SamplerStrategy):
+    """Exact ancestral sampler of a state-dependent schedule (GenMD4, ℓ = 1, method.md §2).
+
+    A masked position at t becomes token i at s with probability ``r_i μ_i``, ``r_i = (α_{s,i} - α_{t,i}) /
+    (1 - α_{t,i}) = 1 - (s/t)^{w_i}``, and stays masked with probability ``1 - Σ_i r_i μ_i``. Reveal and token
+    are ONE joint draw (the reveal probability depends on the token). With the position's uniform u (slot 1)
+    it reveals iff ``u < Σ_i r_i μ_i``, and the token is the inverse-CDF draw of slot 0 from ``∝ r_i μ_i``
+    (float64).
+
+    Idle skipping stays exact without the network: ``Σ_i r_i μ_i <= max_i r_i`` for every μ, so a position with
+    ``u >= max_i r_i`` cannot be revealed whatever the scores; :meth:`plan` asks for scores only where
+    ``u < max_i r_i``. The network is told t (:meth:`noise_level`), as in training.
+    """
+
+    name = "state_dependent"
+    exact = True
+
+    def set_timesteps(self, steps_per_block, codec, schedule=None):
+        if not getattr(schedule, "state_dependent", False):
+            raise ValueError(
+                "StateDependentStrategy needs a state-dependent schedule (a noise_schedule='learnable_polynomial' "
+                "model); use AncestralStrategy for fixed schedules."
+            )
+        if codec.num_sub_tokens != 1:
+            raise ValueError("StateDependentStrategy is defined for num_sub_tokens=1.")
+        super().set_timesteps(steps_per_block, codec, schedule)
+        self.powers = schedule.powers.detach().double()
+
+    def noise_level(self, state):
+        return self.times(state.step)[0]
+
+    def token_reveal_probability(self, step: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` float64 ``r_i = 1 - (s/t)^{w_i}`` of each row's current step; exactly 1 on a block's
+        last step (s = 0)."""
+        t, s = self.times(step)
+        log_ratio = torch.log(s / t).unsqueeze(1)  # -inf at s = 0
+        r = (-torch.expm1(self.powers.to(t.device) * log_ratio)).clamp(0.0, 1.0)
+        return torch.where((step + 1 >= self.steps_per_block).unsqueeze(1), torch.ones_like(r), r)
+
+    def plan(self, state):
+        largest = self.token_reveal_probability(state.step).amax(1)  # (B,)
+        return state.updatable[..., 0] & (state.uniform[..., 1] < largest.unsqueeze(1))
+
+    def step(self, scores, scored, state):
+        row_of = torch.arange(scored.shape[0], device=scored.device).unsqueeze(1).expand_as(scored)[scored]
+        r = self.token_reveal_probability(state.step)[row_of]  # (N, C)
+        log_mu = torch.log_softmax(scores.double(), -1)
+        joint = log_mu + torch.log(r)  # log(r_i μ_i): the probability of moving to i
+        reveal_probability = torch.logsumexp(joint, -1).exp()  # Σ_i r_i μ_i
+        reveal = state.updatable[..., 0][scored] & (state.uniform[..., 1][scored] < reveal_probability)
+        tokens = torch.zeros(scored.shape, dtype=torch.long, device=scored.device)
+        if bool(reveal.any()):
+            drawn, _ = sample_categorical(
+                joint[reveal], state.uniform[..., 0][scored][reveal], state.greedy[row_of][reveal], self.float64
+            )
+            where = scored.clone()
+            where[scored] = reveal
+            tokens[where] = drawn
+        revealed = torch.zeros_like(scored)
+        revealed[scored] = reveal
+        return self.reveal(state, tokens, revealed.unsqueeze(-1))
+
+
+STRATEGIES = {
+    cls.name: cls for cls in (AncestralStrategy, ConfidenceStrategy, ThresholdStrategy, StateDependentStrategy)
+}
 
 
 def get_sampler_strategy(
@@ -496,7 +568,10 @@ def get_sampler_strategy(
     confidence_measure: str = "probability",
     threshold: float = 0.9,
 ) -> SamplerStrategy:
-    """Build a shipped strategy by name (``ancestral``, ``confidence``, ``threshold``) from generation settings."""
+    """Build a shipped strategy by name (``ancestral``, ``confidence``, ``threshold``, ``state_dependent``) from
+    generation settings."""
+    if name == "state_dependent":
+        return StateDependentStrategy(time_grid, float64)
     if name == "ancestral":
         return AncestralStrategy(time_grid, float64)
     if name == "confidence":
@@ -512,6 +587,7 @@ __all__ = [
     "SamplerStepInput",
     "SamplerStepOutput",
     "SamplerStrategy",
+    "StateDependentStrategy",
     "ThresholdStrategy",
     "content_words",
     "counter_uniform",

@@ -198,14 +198,118 @@ class _EndpointExact(NoiseSchedule):
         return self
 
 
+class StateDependentPolynomialSchedule:
+    """GenMD4's state-dependent schedule (method.md §2): ``α_{t,i} = 1 - (1 - eps) t^{w_i}`` for token value i.
+
+    ``powers`` ``(C,)`` are the w_i (the model passes ``softplus(ŵ)``; gradients flow through every method).
+    Everything is computed in float64. A masked element with clean value i is revealed by s < t with probability
+    ``r_i = (α_{s,i} - α_{t,i}) / (1 - α_{t,i}) = 1 - (s/t)^{w_i}`` (eps cancels), and the continuous-time
+    weight of a masked element with value i is ``-α'_{t,i} / (1 - α_{t,i}) = w_i / t``.
+
+    There is no single α(t), so this is not a :class:`NoiseSchedule`; ``state_dependent = True`` marks it.
+    """
+
+    name = "learnable_polynomial"
+    state_dependent = True
+
+    def __init__(self, powers: torch.Tensor, eps: float = 0.0):
+        if powers.dim() != 1:
+            raise ValueError(f"powers must have shape (vocab_size,), got {tuple(powers.shape)}.")
+        self.powers = powers
+        self.eps = float(eps)
+
+    def _w(self, tokens: torch.Tensor | None) -> torch.Tensor:
+        w = self.powers.double()
+        return w if tokens is None else w[tokens]
+
+    def log_masking_probability(self, t: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``log(1 - α_{t,i}) = log(1 - eps) + w_i log t``: ``t`` ``(...)`` broadcast against ``tokens``
+        ``(...)`` (the values' powers), or ``(..., C)`` for every value when ``tokens`` is None."""
+        t = _float64(t).to(self.powers.device)
+        w = self._w(tokens)
+        log_t = torch.log(t) if tokens is not None else torch.log(t).unsqueeze(-1)
+        return math.log1p(-self.eps) + w * log_t
+
+    def masking_probability(self, t: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``1 - α_{t,i} = (1 - eps) t^{w_i}`` (shapes as :meth:`log_masking_probability`)."""
+        return torch.exp(self.log_masking_probability(t, tokens))
+
+    def log_alpha(self, t: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``log α_{t,i} = log(1 - (1 - eps) t^{w_i})`` without cancellation near t = 0 (-inf where α = 0)."""
+        return torch.log(-torch.expm1(self.log_masking_probability(t, tokens)))
+
+    def alpha(self, t: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        return -torch.expm1(self.log_masking_probability(t, tokens))
+
+    def weight(self, t: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``-α'_{t,i} / (1 - α_{t,i}) = w_i / t``."""
+        t = _float64(t).to(self.powers.device)
+        return self._w(tokens) / (t if tokens is not None else t.unsqueeze(-1))
+
+    def reveal_probability(self, t: torch.Tensor, s: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``r_i = 1 - (s/t)^{w_i}`` for s < t (1 when s = 0): shapes as :meth:`log_masking_probability`."""
+        t = _float64(t).to(self.powers.device)
+        s = _float64(s).to(self.powers.device)
+        log_ratio = torch.log(s / t)  # -inf at s = 0 -> r = 1
+        if tokens is None:
+            log_ratio = log_ratio.unsqueeze(-1)
+        return (-torch.expm1(self._w(tokens) * log_ratio)).clamp(0.0, 1.0)
+
+    def exact(self) -> StateDependentPolynomialSchedule:
+        """The endpoint-exact schedule (eps = 0): α_{0,i} = 1 and α_{1,i} = 0 for every i."""
+        return StateDependentPolynomialSchedule(self.powers, 0.0)
+
+    def __repr__(self) -> str:
+        w = self.powers.detach().double()
+        low, high = float(w.min()), float(w.max())
+        return f"{type(self).__name__}(C={w.numel()}, w in [{low:.3g}, {high:.3g}], eps={self.eps})"
+
+
+def state_dependent_times(strata: torch.Tensor, min_power: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance-sampled times for GenMD4's continuous-time NELBO, and their inverse densities.
+
+    The NELBO is ``∫_0^1 f(t) dt`` with ``f(t) = E_q[Σ_{masked n} (1/t) g_n]``. A position of value i is masked
+    with probability t^{w_i}, so the per-position second moment of ``f(t)`` under t ~ U(0, 1) behaves like
+    ``∫ t^{w_i - 2} dt``: infinite for w_i <= 1 (MD4's linear schedule included). The count estimator that
+    removes this for fixed schedules does not apply: given how many positions are masked, *which* ones are masked
+    depends on their values (and on t), so t cannot be integrated out in closed form.
+
+    We therefore sample t from the mixture ``p(t) = 1/2 + (1/2) a t^(a-1)`` on (0, 1] (half uniform, half
+    Beta(a, 1)) with ``a = min(1, min_i w_i) / 2``, and weight by ``1 / p(t)``. The estimate ``f(t) / p(t)`` is
+    unbiased for the whole integral (no truncation of t, so no reconstruction term), and its second moment
+    ``∫ t^{w_i - 2} / p(t) dt <= (2/a) ∫ t^{w_i - 1 - a} dt`` is finite because every w_i >= 2a > a.
+
+    Args:
+        strata: ``(...)`` numbers in [0, 1) (pass low-discrepancy values, e.g. antithetic ones, to stratify):
+            ``u < 1/2`` -> ``t = 1 - 2u`` (uniform half), else ``t = (2 - 2u)^(1/a)`` (Beta half).
+        min_power: the smallest power w_i (a proposal parameter: not differentiated).
+    Returns:
+        ``(t, 1 / p(t))``, both float64 of the shape of ``strata``; t in (0, 1].
+    """
+    if not min_power > 0:
+        raise ValueError(f"min_power must be positive, got {min_power}.")
+    a = 0.5 * min(1.0, float(min_power))
+    u = _float64(strata)
+    beta = torch.pow((2.0 - 2.0 * u).clamp(min=0.0, max=1.0), 1.0 / a)
+    t = torch.where(u < 0.5, 1.0 - 2.0 * u, beta).clamp(min=torch.finfo(torch.float64).tiny, max=1.0)
+    density = 0.5 + 0.5 * a * torch.exp((a - 1.0) * torch.log(t))
+    return t, 1.0 / density
+
+
 def get_noise_schedule(
     name: str,
     eps: float = 0.0,
     polynomial_exponent: float = 1.0,
     geometric_beta_min: float = 1e-5,
     geometric_beta_max: float = 20.0,
-) -> NoiseSchedule:
-    """Build a schedule by name: ``linear``, ``polynomial``, ``cosine`` or ``geometric``."""
+    powers: torch.Tensor | None = None,
+) -> NoiseSchedule | StateDependentPolynomialSchedule:
+    """Build a schedule by name: ``linear``, ``polynomial``, ``cosine``, ``geometric`` or ``learnable_polynomial``
+    (which needs the ``(C,)`` ``powers``)."""
+    if name == "learnable_polynomial":
+        if powers is None:
+            raise ValueError("the learnable_polynomial schedule needs its powers (one per token value).")
+        return StateDependentPolynomialSchedule(powers, eps)
     if name == "linear":
         return LinearSchedule(eps)
     if name == "polynomial":
@@ -214,7 +318,9 @@ def get_noise_schedule(
         return CosineSchedule(eps)
     if name == "geometric":
         return GeometricSchedule(geometric_beta_min, geometric_beta_max, eps)
-    raise ValueError(f"unknown noise schedule {name!r}; expected linear, polynomial, cosine or geometric.")
+    raise ValueError(
+        f"unknown noise schedule {name!r}; expected linear, polynomial, cosine, geometric or learnable_polynomial."
+    )
 
 
 def sample_times(
@@ -248,6 +354,8 @@ __all__ = [
     "LinearSchedule",
     "NoiseSchedule",
     "PolynomialSchedule",
+    "StateDependentPolynomialSchedule",
     "get_noise_schedule",
     "sample_times",
+    "state_dependent_times",
 ]
