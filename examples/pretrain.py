@@ -8,6 +8,7 @@ domain), in about 5-10 minutes on 2 CPU cores, and leaves a checkpoint that load
     python examples/pretrain.py --num_sub_tokens 4 --max_steps 20000   # flags, or one JSON/YAML config file
     accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py --tokenizer gpt2-tokenizer-dir
     python examples/pretrain.py --resume_from_checkpoint latest        # exact resume, or an error saying why not
+    python examples/pretrain.py --noise_schedule learnable_polynomial  # GenMD4 (ℓ = 1, time conditioned)
 
 The corpus, tokenizer and packing code is in ``modeling_mdm_prime.data``. Checkpoints hold accelerate's model,
 optimizer and RNG files plus this script's own state as JSON and safetensors (scheduler, EMA, settings); resuming
@@ -81,11 +82,21 @@ class PretrainConfig(DataConfig):
     dropout: float = _help("dropout probability", 0.0)
     time_conditioning: bool = _help("condition the network on t (adaLN-Zero)", False)
     loss_type: str = _help("'elbo' (the valid bound) or 'prime' (the paper objective, not a bound)", "elbo")
+    noise_schedule: str = _help(
+        "masking schedule: linear, polynomial, cosine, geometric, or learnable_polynomial (GenMD4: one learnable "
+        "power per token; sets num_sub_tokens=1 and time_conditioning=True)",
+        "linear",
+    )
     # optimisation
     batch_size: int = _help("sequences per process and micro-batch", 16)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
     learning_rate: float = _help("peak AdamW learning rate", 2e-3)
     weight_decay: float = _help("AdamW weight decay", 0.0)
+    decay_schedule_parameters: bool = _help(
+        "also apply weight decay to GenMD4's schedule parameters ŵ (md4 does; it pulls every power towards "
+        "softplus(0) = 0.693). Off by default",
+        False,
+    )
     lr_scheduler: str = _help("any transformers.get_scheduler name, e.g. 'constant_with_warmup'", "cosine")
     warmup_steps: int = _help("linear warm-up steps", 100)
     max_steps: int = _help("optimizer steps in the whole run", 1500)
@@ -213,11 +224,62 @@ def build_model(cfg: PretrainConfig, tokenizer) -> MDMPrimeForMaskedDiffusion:
         dropout=cfg.dropout,
         time_conditioning=cfg.time_conditioning,
         loss_type=cfg.loss_type,
+        noise_schedule=cfg.noise_schedule,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return MDMPrimeForMaskedDiffusion(config)
+
+
+SCHEDULE_PARAMETERS = ("schedule_power_logits",)  # GenMD4's ŵ
+
+
+def optimizer_groups(model: torch.nn.Module, cfg: PretrainConfig) -> list[dict]:
+    """AdamW parameter groups: the network with ``weight_decay``; the schedule parameters (GenMD4's ŵ) without it
+    unless ``decay_schedule_parameters``. Decay pulls ŵ towards 0, i.e. every power towards softplus(0) = 0.693,
+    whatever the data says (the md4 reference applies it to ŵ)."""
+    network, schedule = [], []
+    for name, parameter in model.named_parameters():
+        (schedule if name.split(".")[-1] in SCHEDULE_PARAMETERS else network).append(parameter)
+    groups = [{"params": network, "weight_decay": cfg.weight_decay}]
+    if schedule:
+        decay = cfg.weight_decay if cfg.decay_schedule_parameters else 0.0
+        groups.append({"params": schedule, "weight_decay": decay})
+    return groups
+
+
+def token_frequencies(blocks, vocab_size: int, max_rows: int = 20_000) -> torch.Tensor:
+    """``(C,)`` token counts over (at most ``max_rows``) training blocks, padding excluded."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for index, row in enumerate(blocks):
+        if index >= max_rows:
+            break
+        ids = torch.as_tensor(row["input_ids"])
+        counts += torch.bincount(ids[torch.as_tensor(row["attention_mask"]).bool()], minlength=vocab_size)
+    return counts
+
+
+def plot_powers(powers: torch.Tensor, counts: torch.Tensor, path: Path, title: str = "GenMD4 learned powers") -> None:
+    """PNG: each token's learned power w_i against its training frequency (log scale; unseen tokens at the left)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frequency = counts.double() / counts.sum().clamp(min=1)
+    floor = float(frequency[frequency > 0].min()) / 10 if bool((frequency > 0).any()) else 1e-9
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(frequency.clamp(min=floor).numpy(), powers.detach().double().numpy(), s=4, alpha=0.5)
+    ax.set_xscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="w = 1 (initial, MD4 linear)")
+    ax.set_xlabel(f"token frequency in the training data (unseen tokens at {floor:.1e})")
+    ax.set_ylabel("power w_i (α_{t,i} = 1 - t^{w_i})")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 class EMA:
@@ -522,6 +584,12 @@ def parse_config(argv: list[str]) -> PretrainConfig:
         (cfg,) = load(argv[0])
     else:
         (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    if cfg.noise_schedule == "learnable_polynomial":
+        # GenMD4 is defined for whole tokens, and its posterior depends on t (the config refuses anything else).
+        for name, value in (("num_sub_tokens", 1), ("time_conditioning", True)):
+            if getattr(cfg, name) != value:
+                logging.getLogger("pretrain").warning(f"learnable_polynomial (GenMD4): setting {name}={value}.")
+                setattr(cfg, name, value)
     return cfg
 
 
@@ -588,6 +656,8 @@ def train(accelerator, cfg, model, optimizer, scheduler, loader, ema, val_blocks
                 stats = accelerator.reduce(torch.stack([out.loss.detach(), out.elbo, out.prime_objective]), "mean")
                 logs = dict(zip(("train/loss", "train/elbo", "train/paper_objective"), stats.tolist()))
                 logs.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)})
+                if out.power_mean is not None:  # GenMD4: the learned powers w = softplus(ŵ)
+                    logs.update({f"train/power_{k}": float(getattr(out, f"power_{k}")) for k in ("max", "min", "mean")})
                 accelerator.log({**logs, "train/seconds": time.time() - start}, step=step)
                 bar.set_postfix(elbo=f"{logs['train/elbo']:.3f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
@@ -607,8 +677,11 @@ def train(accelerator, cfg, model, optimizer, scheduler, loader, ema, val_blocks
     return step
 
 
-def save_final(accelerator: Accelerator, cfg: PretrainConfig, model, tokenizer, ema: EMA | None) -> None:
-    """``final/``: the EMA weights with code, a portable tokenizer, generation config and samples."""
+def save_final(
+    accelerator: Accelerator, cfg: PretrainConfig, model, tokenizer, ema: EMA | None, token_counts=None
+) -> None:
+    """``final/``: the EMA weights with code, a portable tokenizer, generation config and samples; for GenMD4 also
+    ``powers.png`` (learned powers against the ``(C,)`` training ``token_counts``) and ``powers.json``."""
     if not accelerator.is_main_process:
         return
     final, model = Path(cfg.output_dir) / "final", accelerator.unwrap_model(model)
@@ -618,6 +691,15 @@ def save_final(accelerator: Accelerator, cfg: PretrainConfig, model, tokenizer, 
         tokenizer.save_pretrained(final)
         make_tokenizer_portable(final)  # the folder's tokenizer also loads on transformers 4.57
         samples = model.generate(max_new_tokens=cfg.sample_tokens, num_return_sequences=cfg.num_samples, seed=cfg.seed)
+        powers = None if getattr(model, "powers", None) is None else model.powers.detach().cpu()
+    if powers is not None and token_counts is not None:
+        plot_powers(powers, token_counts, final / "powers.png")
+        write_atomic(final / "powers.json", json.dumps({"powers": powers.tolist(), "counts": token_counts.tolist()}))
+        logger.info(
+            f"learned powers: max {float(powers.max()):.3f}, min {float(powers.min()):.3f}, mean "
+            f"{float(powers.mean()):.3f} (plot: {final / 'powers.png'})",
+            main_process_only=True,
+        )
     texts = tokenizer.batch_decode(samples, skip_special_tokens=True)
     write_atomic(final / "samples.txt", "\n\n---\n\n".join(texts))
     for text in texts:
@@ -643,9 +725,7 @@ def main(argv: list[str] | None = None) -> None:
         train_blocks, batch_size=cfg.batch_size, shuffle=not cfg.streaming, drop_last=True,
         generator=torch.Generator().manual_seed(cfg.seed),
     )  # fmt: skip
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
-    )
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.98))
     scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
     )
@@ -662,7 +742,9 @@ def main(argv: list[str] | None = None) -> None:
     if step < cfg.max_steps:  # stopped early on purpose: the last checkpoint resumes the run
         save_checkpoint(accelerator, cfg, step, scheduler, ema)
     else:
-        save_final(accelerator, cfg, model, tokenizer, ema)
+        genmd4 = cfg.noise_schedule == "learnable_polynomial"
+        counts = token_frequencies(train_blocks, len(tokenizer)) if genmd4 else None
+        save_final(accelerator, cfg, model, tokenizer, ema, counts)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -33,6 +33,7 @@ from .losses_mdm_prime import (
     genmd4_step_kl,
     reinforce_leave_one_out,
     sample_mask_counts,
+    sample_masking_time_corruption,
     sample_masks,
     sample_state_dependent_masks,
     state_dependent_mask_log_prob,
@@ -71,7 +72,6 @@ from .schedules_mdm_prime import (
     StateDependentPolynomialSchedule,
     get_noise_schedule,
     sample_times,
-    state_dependent_times,
 )
 
 __version__ = "0.1.0"
@@ -127,6 +127,7 @@ __all__ = [
     "genmd4_integrand",
     "genmd4_step_kl",
     "reinforce_leave_one_out",
+    "sample_masking_time_corruption",
     "sample_state_dependent_masks",
     "state_dependent_mask_log_prob",
     "get_noise_schedule",
@@ -134,6 +135,5 @@ __all__ = [
     "sample_mask_counts",
     "sample_masks",
     "sample_times",
-    "state_dependent_times",
     "superset_logsumexp",
 ]

@@ -265,37 +265,6 @@ class StateDependentPolynomialSchedule:
         return f"{type(self).__name__}(C={w.numel()}, w in [{low:.3g}, {high:.3g}], eps={self.eps})"
 
 
-def state_dependent_times(strata: torch.Tensor, min_power: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Importance-sampled times for GenMD4's continuous-time NELBO, and their inverse densities.
-
-    The NELBO is ``∫_0^1 f(t) dt`` with ``f(t) = E_q[Σ_{masked n} (1/t) g_n]``. A position of value i is masked
-    with probability t^{w_i}, so the per-position second moment of ``f(t)`` under t ~ U(0, 1) behaves like
-    ``∫ t^{w_i - 2} dt``: infinite for w_i <= 1 (MD4's linear schedule included). The count estimator that
-    removes this for fixed schedules does not apply: given how many positions are masked, *which* ones are masked
-    depends on their values (and on t), so t cannot be integrated out in closed form.
-
-    We therefore sample t from the mixture ``p(t) = 1/2 + (1/2) a t^(a-1)`` on (0, 1] (half uniform, half
-    Beta(a, 1)) with ``a = min(1, min_i w_i) / 2``, and weight by ``1 / p(t)``. The estimate ``f(t) / p(t)`` is
-    unbiased for the whole integral (no truncation of t, so no reconstruction term), and its second moment
-    ``∫ t^{w_i - 2} / p(t) dt <= (2/a) ∫ t^{w_i - 1 - a} dt`` is finite because every w_i >= 2a > a.
-
-    Args:
-        strata: ``(...)`` numbers in [0, 1) (pass low-discrepancy values, e.g. antithetic ones, to stratify):
-            ``u < 1/2`` -> ``t = 1 - 2u`` (uniform half), else ``t = (2 - 2u)^(1/a)`` (Beta half).
-        min_power: the smallest power w_i (a proposal parameter: not differentiated).
-    Returns:
-        ``(t, 1 / p(t))``, both float64 of the shape of ``strata``; t in (0, 1].
-    """
-    if not min_power > 0:
-        raise ValueError(f"min_power must be positive, got {min_power}.")
-    a = 0.5 * min(1.0, float(min_power))
-    u = _float64(strata)
-    beta = torch.pow((2.0 - 2.0 * u).clamp(min=0.0, max=1.0), 1.0 / a)
-    t = torch.where(u < 0.5, 1.0 - 2.0 * u, beta).clamp(min=torch.finfo(torch.float64).tiny, max=1.0)
-    density = 0.5 + 0.5 * a * torch.exp((a - 1.0) * torch.log(t))
-    return t, 1.0 / density
-
-
 def get_noise_schedule(
     name: str,
     eps: float = 0.0,
@@ -357,5 +326,4 @@ __all__ = [
     "StateDependentPolynomialSchedule",
     "get_noise_schedule",
     "sample_times",
-    "state_dependent_times",
 ]

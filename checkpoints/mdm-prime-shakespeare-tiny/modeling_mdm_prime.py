@@ -34,6 +34,7 @@ from .losses_mdm_prime import (
     genmd4_step_kl,
     reinforce_leave_one_out,
     sample_mask_counts,
+    sample_masking_time_corruption,
     sample_masks,
     sample_state_dependent_masks,
     state_dependent_mask_log_prob,
@@ -46,7 +47,6 @@ from .schedules_mdm_prime import (
     StateDependentPolynomialSchedule,
     get_noise_schedule,
     sample_times,
-    state_dependent_times,
 )
 
 logger = logging.get_logger(__name__)
@@ -68,8 +68,8 @@ class MDMPrimeDiffusionOutput(ModelOutput):
         power_max, power_min, power_mean: GenMD4 (``noise_schedule="learnable_polynomial"``) only: statistics of
             the learned powers w = softplus(ŵ) (detached scalars), as md4 logs them.
 
-    For GenMD4, ``loss`` is the REINFORCE leave-one-out surrogate (its value equals ``elbo``, its gradient is
-    unbiased for the NELBO's, the powers included) and ``elbo`` is ½(L1 + L2) over the two masks drawn at each t.
+    For GenMD4, ``loss`` is the REINFORCE leave-one-out surrogate (its gradient is unbiased for the NELBO's, the
+    powers' included; its value is ``elbo``) and ``elbo`` is ½(L1 + L2) over the two masks drawn at each t.
     """
 
     loss: torch.FloatTensor | None = None
@@ -575,32 +575,47 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         ids: torch.Tensor,
         scored: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        t: torch.Tensor,
         powers: torch.Tensor,
         generator: torch.Generator | None,
-        copies: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``copies`` independent masks per row at the rows' times t ``(B,)``, scored in ONE network call.
+        *,
+        strata: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One draw of the forward process per row (ℓ = 1), scored by one network call.
 
-        Returns ``masked`` ``(copies·B, L)``, the per-sequence sums ``Σ_{masked n} g_n`` ``(copies·B,)`` of
-        :func:`genmd4_integrand` (differentiable in the network and the powers), ``log q(mask | x0)``
-        ``(copies·B,)`` (differentiable in the powers), and the ``(N, C)`` logits at the masked positions.
+        With ``strata`` ``(B,)``: the masking-time estimator (:func:`sample_masking_time_corruption`): t = τ_J, the
+        estimate is ``(N / W(z)) Σ_{masked n} g_n`` and the sample's log-density ``log r = log q(z | t) + log W(z)``
+        (+ terms without powers). With ``t`` ``(B,)``: masks from q(z | t), the estimate is the integrand at t,
+        ``(1/t) Σ g_n``, and ``log r = log q(z | t)``. ``g`` is :func:`genmd4_integrand`.
+
+        Returns:
+            ``(B,)`` float32 estimates (differentiable in the network and the powers), ``(B,)`` float64 ``log r``
+            (differentiable in the powers: the score-function term), ``(B, L)`` masks, the ``(N, C)`` logits at
+            the masked positions (row-major) and the ``(B,)`` float64 times.
         """
-        batch = ids.shape[0]
         schedule = StateDependentPolynomialSchedule(powers, 0.0)
-        ids_k, scored_k, t_k = ids.repeat(copies, 1), scored.repeat(copies, 1), t.repeat(copies)
-        log_mask = schedule.log_masking_probability(t_k.unsqueeze(1), ids_k)  # (kB, L) float64
-        masked = sample_state_dependent_masks(ids_k, log_mask, scored_k, generator)
-        log_q = state_dependent_mask_log_prob(masked, log_mask, schedule.log_alpha(t_k.unsqueeze(1), ids_k), scored_k)
-        sub_ids = ids_k.masked_fill(masked, self.codec.mask_id).unsqueeze(-1)
-        mask_k = None if attention_mask is None else attention_mask.repeat(copies, 1)
-        # The network is told t itself: there is no single masking probability under a state-dependent schedule
-        # (at w = 1 it is MD4's 1 - α_t = t).
-        logits = self.token_logits(sub_ids, mask_k, t_k.float(), masked, check_inputs=False)
-        g = genmd4_integrand(logits, ids_k[masked], powers)
-        row_of = torch.arange(copies * batch, device=ids.device).unsqueeze(1).expand_as(masked)[masked]
-        sums = torch.zeros(copies * batch, dtype=g.dtype, device=ids.device).index_add(0, row_of, g)
-        return masked, sums, log_q, logits
+        if strata is not None:
+            t, masked, total_power = sample_masking_time_corruption(ids, powers, scored, strata, generator)
+        else:
+            log_mask = schedule.log_masking_probability(t.unsqueeze(1), ids)
+            masked = sample_state_dependent_masks(ids, log_mask, scored, generator)
+        log_mask = schedule.log_masking_probability(t.unsqueeze(1), ids)  # (B, L) float64
+        log_r = state_dependent_mask_log_prob(masked, log_mask, schedule.log_alpha(t.unsqueeze(1), ids), scored)
+        sub_ids = ids.masked_fill(masked, self.codec.mask_id).unsqueeze(-1)
+        # The network is told t itself: under a state-dependent schedule there is no single masking probability to
+        # tell it, and the posterior q(x0 | x_t) depends on t through every t^{w_i} (at w = 1, t is MD4's 1 - α_t).
+        logits = self.token_logits(sub_ids, attention_mask, t.float(), masked, check_inputs=False)
+        g = genmd4_integrand(logits, ids[masked], powers)
+        row_of = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(masked)[masked]
+        sums = torch.zeros(ids.shape[0], dtype=g.dtype, device=ids.device).index_add(0, row_of, g)
+        if strata is not None:
+            tiny = torch.finfo(torch.float64).tiny
+            count = scored.sum(1).to(total_power.dtype)
+            weight = torch.where(count > 0, count / total_power.clamp(min=tiny), torch.zeros_like(total_power))
+            log_r = log_r + torch.log(total_power.clamp(min=tiny))
+        else:
+            weight = 1.0 / t
+        return weight.to(sums.dtype) * sums, log_r, masked, logits, t
 
     def _genmd4_forward(
         self,
@@ -610,31 +625,42 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         timesteps: torch.Tensor | None,
         generator: torch.Generator | None,
     ) -> MDMPrimeDiffusionOutput:
-        """GenMD4's training objective (method.md §2) on the endpoint-exact schedule ``α_{t,i} = 1 - t^{w_i}``.
+        """GenMD4's training objective (method.md §2) on the endpoint-exact schedule ``α_{t,i} = 1 - t^{w_i}``
+        (α(0) = 1 and α(1) = 0 exactly, so there is no prior or reconstruction term).
 
-        Per sequence: t from :func:`state_dependent_times` (antithetic strata over the batch, importance weight
-        1/p(t); the count estimator does not apply because which positions are masked depends on their values),
-        or the given ``timesteps`` (weight 1). Two masks z1, z2 at the same t, scored in one network call, give
+        Per sequence, two independent draws k = 1, 2 (scored in one network call of 2B rows) give unbiased
+        estimates of the continuous-time NELBO ``∫ (1/t) E_q[Σ_{masked n} g_n] dt``,
+        ``g = Σ_j w_j μ_j - w_{x_n} - w_{x_n} log μ_{x_n}``:
 
-            L_k = (1/p(t)) (1/t) Σ_{n masked in z_k} [Σ_j w_j μ_j - w_{x_n} - w_{x_n} log μ_{x_n}],
+        * by default, the masking-time estimator (:func:`sample_masking_time_corruption`): t is the masking time
+          of a uniformly chosen position (antithetic strata over the batch), ``L_k = (N / W(z_k)) Σ g``. The count
+          estimator does not apply (which positions are masked depends on their values), and t ~ U(0, 1) with the
+          1/t weight has a divergent second moment; this estimator has neither problem;
+        * with explicit ``timesteps``: two masks at that t, ``L_k = (1/t) Σ g``.
 
-        an unbiased estimate of the continuous-time NELBO (α(0) = 1 and α(1) = 0 exactly, so there is no prior
-        or reconstruction term). ``loss`` is the REINFORCE leave-one-out surrogate of
-        :func:`reinforce_leave_one_out`, ``elbo`` = ½(L1 + L2); both per scored token.
+        ``loss`` is the REINFORCE leave-one-out surrogate (:func:`reinforce_leave_one_out`, with the log-density
+        of each draw), ``elbo`` = ½(L1 + L2); both per scored token.
         """
         batch = ids.shape[0]
         powers = self.powers
+        pair = dict(
+            ids=ids.repeat(2, 1),
+            scored=scored.repeat(2, 1),
+            attention_mask=None if attention_mask is None else attention_mask.repeat(2, 1),
+        )
         if timesteps is None:
-            strata = 1.0 - sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64)
-            t, inverse_density = state_dependent_times(strata, float(powers.detach().min()))
+            # Two independent antithetic sets: the two draws of a row must be independent for the LOO baseline.
+            strata = torch.cat(
+                [1.0 - sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64) for _ in "12"]
+            )
+            estimates, log_r, _, _, t = self._genmd4_sample(**pair, powers=powers, generator=generator, strata=strata)
         else:
-            t, inverse_density = timesteps, torch.ones_like(timesteps)
-        _, sums, log_q, _ = self._genmd4_sample(ids, scored, attention_mask, t, powers, generator, copies=2)
-        coefficient = (inverse_density / t).repeat(2).to(sums.dtype)
-        per_sequence = (coefficient * sums).view(2, batch)
-        log_q = log_q.view(2, batch)
-        log_q = log_q.to(per_sequence.dtype)
-        surrogate = reinforce_leave_one_out(per_sequence[0], per_sequence[1], log_q[0], log_q[1])
+            estimates, log_r, _, _, t = self._genmd4_sample(
+                **pair, powers=powers, generator=generator, t=timesteps.repeat(2)
+            )
+        per_sequence = estimates.view(2, batch)
+        log_r = log_r.to(per_sequence.dtype).view(2, batch)
+        surrogate = reinforce_leave_one_out(per_sequence[0], per_sequence[1], log_r[0], log_r[1])
         num_tokens = scored.sum()
         denom = num_tokens.clamp(min=1)
         loss = surrogate.sum() / denom
@@ -644,7 +670,7 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             loss=loss,
             elbo=elbo,
             prime_objective=elbo,  # ℓ = 1: the paper objective is the bound
-            timesteps=t.float(),
+            timesteps=t[:batch].float(),
             num_tokens=num_tokens,
             power_max=w.max(),
             power_min=w.min(),
@@ -788,11 +814,11 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         """:meth:`nll_bound` of a GenMD4 model, on the endpoint-exact schedule ``α_{t,i} = 1 - t^{w_i}``
         (α(0) = 1, α(1) = 0 for every value: no prior and no reconstruction term is dropped or needed).
 
-        Continuous time: per sample, t from :func:`state_dependent_times` (stratified over the K samples) and one
-        mask; the term ``(1/p(t)) (1/t) Σ_{masked n} [Σ_j w_j μ_j - w_x - w_x log μ_x]`` is unbiased with finite
-        variance. Discrete time (T steps, t = i/T, s = (i-1)/T, i ~ U{1..T}): ``T Σ_{masked n} KL_n`` with the
-        per-position KL of the state-dependent reverse kernels in closed form (:func:`genmd4_step_kl`), so the
-        reveal sets need not be sampled.
+        Continuous time: per sample, one draw of the masking-time estimator (stratified over the K samples:
+        :func:`sample_masking_time_corruption`), ``(N / W(z)) Σ_{masked n} [Σ_j w_j μ_j - w_x - w_x log μ_x]``,
+        unbiased with weights bounded by N / (|z| min w). Discrete time (T steps, t = i/T, s = (i-1)/T,
+        i ~ U{1..T}): ``T Σ_{masked n} KL_n`` with the per-position KL of the state-dependent reverse kernels in
+        closed form (:func:`genmd4_step_kl`), so the reveal sets need not be sampled. Both end points are exact.
         """
         batch, device = ids.shape[0], ids.device
         powers = self.powers.detach()
@@ -804,13 +830,14 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         try:
             for k in range(num_samples):
                 if num_steps is None:
-                    t, inverse_density = state_dependent_times(strata[:, k], float(powers.min()))
-                    _, sums, _, _ = self._genmd4_sample(ids, scored, attention_mask, t, powers, generator, 1)
-                    samples[:, k] = sums.double() * inverse_density / t
+                    estimate, *_ = self._genmd4_sample(
+                        ids, scored, attention_mask, powers, generator, strata=strata[:, k]
+                    )
+                    samples[:, k] = estimate.double()
                 else:
                     step = torch.floor(strata[:, k] * num_steps) + 1
                     t, s = step / num_steps, (step - 1) / num_steps
-                    masked, _, _, logits = self._genmd4_sample(ids, scored, attention_mask, t, powers, generator, 1)
+                    _, _, masked, logits, _ = self._genmd4_sample(ids, scored, attention_mask, powers, generator, t=t)
                     row_of = torch.arange(batch, device=device).unsqueeze(1).expand_as(masked)[masked]
                     kl = genmd4_step_kl(logits.float().log_softmax(-1), ids[masked], powers, t[row_of], s[row_of])
                     samples[:, k].index_add_(0, row_of, kl * num_steps)
