@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .codec_mdm_prime import SubTokenCodec, integer_base
 from .configuration_mdm_prime import MDMPrimeConfig
+from .convert import convert_checkpoint, restricted_torch_load
 from .generation_mdm_prime import (
     MDMPrimeGenerateOutput,
     MDMPrimeGenerationConfig,
@@ -115,6 +116,8 @@ __all__ = [
     "PolynomialSchedule",
     "StateDependentPolynomialSchedule",
     "check_checkpoint",
+    "convert_checkpoint",
+    "restricted_torch_load",
     "make_tokenizer_portable",
     "publish_checkpoint",
     "render_model_card",

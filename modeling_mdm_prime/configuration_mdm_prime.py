@@ -68,6 +68,8 @@ class MDMPrimeConfig(PretrainedConfig):
         max_position_embeddings: longest sequence the model is meant for (RoPE has no table; this is
             checked against inputs so that a too-long input fails loudly).
         dropout: dropout on the embedding, attention output and MLP output.
+        embedding_dropout: dropout on the embedding alone; None (the default) uses ``dropout``. Converted
+            MDLM / MDM-Prime checkpoints set 0.0: their DiT has dropout in the blocks but none on the embedding.
         attention_dropout: dropout on the attention probabilities.
         time_conditioning: condition every block on t through adaLN (DiT). When ``False`` the network
             is time independent, which makes the sampler's idle-step cache exact.
@@ -106,6 +108,7 @@ class MDMPrimeConfig(PretrainedConfig):
         max_position_embeddings: int = 1024,
         dropout: float = 0.1,
         attention_dropout: float = 0.0,
+        embedding_dropout: float | None = None,
         time_conditioning: bool = False,
         time_embedding_size: int = 128,
         noise_schedule: str = "linear",
@@ -132,6 +135,7 @@ class MDMPrimeConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.dropout = dropout
         self.attention_dropout = attention_dropout
+        self.embedding_dropout = embedding_dropout
         self.time_conditioning = time_conditioning
         self.time_embedding_size = time_embedding_size
         self.noise_schedule = noise_schedule
@@ -231,6 +235,8 @@ class MDMPrimeConfig(PretrainedConfig):
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= number(name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        if self.embedding_dropout is not None and not 0.0 <= number("embedding_dropout") < 1.0:
+            raise ValueError(f"embedding_dropout must be None or in [0, 1), got {self.embedding_dropout}.")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name, None)
             ids = value if isinstance(value, (list, tuple)) else [value]

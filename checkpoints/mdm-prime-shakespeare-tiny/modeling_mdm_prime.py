@@ -255,7 +255,9 @@ class MDMPrimeModel(MDMPrimePreTrainedModel):
         # One table shared by every digit position; row b is the mask sub-token.
         self.embed_sub_tokens = nn.Embedding(self.codec.base + 1, config.hidden_size // config.num_sub_tokens)
         self.time_embed = MDMPrimeTimestepEmbedding(config) if config.time_conditioning else None
-        self.dropout = nn.Dropout(config.dropout)
+        # Configs saved before embedding_dropout existed (None) keep one dropout for the embedding and the blocks.
+        embedding_dropout = getattr(config, "embedding_dropout", None)
+        self.dropout = nn.Dropout(config.dropout if embedding_dropout is None else embedding_dropout)
         self.layers = nn.ModuleList([MDMPrimeBlock(config) for _ in range(config.num_hidden_layers)])
         self.norm = MDMPrimeFinalNorm(config)
         self.gradient_checkpointing = False
