@@ -274,7 +274,7 @@ def plot_powers(powers: torch.Tensor, counts: torch.Tensor, path: Path, title: s
     ax.set_xscale("log")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="w = 1 (initial, MD4 linear)")
     ax.set_xlabel(f"token frequency in the training data (unseen tokens at {floor:.1e})")
-    ax.set_ylabel("power w_i (α_{t,i} = 1 - t^{w_i})")
+    ax.set_ylabel(r"power $w_i$  ($\alpha_{t,i} = 1 - t^{w_i}$)")
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
