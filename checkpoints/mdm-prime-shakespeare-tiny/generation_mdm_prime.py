@@ -319,10 +319,9 @@ class MDMPrimeGenerationMixin:
             defaults = MDMPrimeGenerationConfig()
             explicit = set(generation_config.to_diff_dict())
             for key, value in model_config.to_diff_dict().items():
-                if key == "transformers_version" or key in explicit and use_model_defaults is False:
-                    continue
-                takes_default = key not in explicit or getattr(config, key, None) == getattr(defaults, key, None)
-                if takes_default and (use_model_defaults is not False or key.endswith("token_id")):
+                if key == "transformers_version" or (use_model_defaults is False and not key.endswith("token_id")):
+                    continue  # without model defaults, only the special token ids are taken (transformers' rule)
+                if key not in explicit or getattr(config, key, None) == getattr(defaults, key, None):
                     setattr(config, key, value)
         unused = config.update(**kwargs)
         config.validate()
