@@ -9,7 +9,7 @@ install the package. ``publish_checkpoint`` (in ``hub``, which is not shipped as
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .codec_mdm_prime import SubTokenCodec, integer_base
-from .configuration_mdm_prime import MDMPrimeConfig
+from .configuration_mdm_prime import MDMPrimeConfig, MDMPrimeImageConfig
 from .convert import convert_checkpoint, restricted_torch_load
 from .generation_mdm_prime import (
     MDMPrimeGenerateOutput,
@@ -39,6 +39,14 @@ from .losses_mdm_prime import (
     sample_state_dependent_masks,
     state_dependent_mask_log_prob,
     superset_logsumexp,
+)
+from .modeling_image_mdm_prime import (
+    MDMPrimeForImageDiffusion,
+    MDMPrimeImageGenerateOutput,
+    MDMPrimeImageModel,
+    MDMPrimeImageNLLOutput,
+    levels_to_pil,
+    pixels_from_unit_interval,
 )
 from .modeling_mdm_prime import (
     MDMPrimeDiffusionOutput,
@@ -81,6 +89,8 @@ AutoConfig.register(MDMPrimeConfig.model_type, MDMPrimeConfig, exist_ok=True)
 # AutoModel returns the model that trains and generates (as Dream's does); the backbone stays importable.
 AutoModel.register(MDMPrimeConfig, MDMPrimeForMaskedDiffusion, exist_ok=True)
 AutoModelForMaskedLM.register(MDMPrimeConfig, MDMPrimeForMaskedDiffusion, exist_ok=True)
+AutoConfig.register(MDMPrimeImageConfig.model_type, MDMPrimeImageConfig, exist_ok=True)
+AutoModel.register(MDMPrimeImageConfig, MDMPrimeForImageDiffusion, exist_ok=True)
 
 __all__ = [
     "AncestralStrategy",
@@ -107,6 +117,13 @@ __all__ = [
     "HubPublishError",
     "LinearSchedule",
     "MDMPrimeConfig",
+    "MDMPrimeForImageDiffusion",
+    "MDMPrimeImageConfig",
+    "MDMPrimeImageGenerateOutput",
+    "MDMPrimeImageModel",
+    "MDMPrimeImageNLLOutput",
+    "levels_to_pil",
+    "pixels_from_unit_interval",
     "MDMPrimeDiffusionOutput",
     "MDMPrimeForMaskedDiffusion",
     "MDMPrimeModel",
