@@ -234,8 +234,9 @@ class MDMPrimeLM(TemplateLM):
         peft: a PEFT (LoRA) adapter folder or Hub id, loaded onto ``pretrained`` (default: the base recorded in the
             adapter's config) and merged.
         device, dtype, revision, trust_remote_code: as for ``from_pretrained``.
-        batch_size: network rows per forward pass (Monte-Carlo samples count as rows) and prompts per
-            ``generate()`` call.
+        batch_size: windows per forward pass when scoring (each brings its ``mc_samples`` rows, so a pass has
+            ``batch_size · mc_samples`` rows), prompts per ``generate()`` call. lm-eval's CLI passes 1 unless
+            told ``--batch_size``.
         max_length: the model's window in tokens (default: ``max_position_embeddings``).
         mc_samples: Monte-Carlo draws per scored window (network calls per window).
         seed: base seed; each window / prompt derives its own from it and its tokens.
@@ -251,14 +252,14 @@ class MDMPrimeLM(TemplateLM):
 
     def __init__(
         self,
-        pretrained: str | MDMPrimeForMaskedDiffusion,
+        pretrained: str | MDMPrimeForMaskedDiffusion | None = None,
         tokenizer=None,
         peft: str | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
-        batch_size: int | str = 32,
+        batch_size: int | str = 8,
         max_batch_size: int | None = None,
         max_length: int | None = None,
         mc_samples: int = 32,
@@ -283,7 +284,7 @@ class MDMPrimeLM(TemplateLM):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if isinstance(batch_size, str):
-            batch_size = 32 if batch_size.startswith("auto") else int(batch_size)
+            batch_size = 8 if batch_size.startswith("auto") else int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
 
@@ -292,10 +293,17 @@ class MDMPrimeLM(TemplateLM):
             self._rank, self._world_size, self._device = state.process_index, state.num_processes, state.device
             self._state = state
         else:
-            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            default = "cuda" if torch.cuda.is_available() else "cpu"
+            if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+                # lm-eval's CLI passes --device cuda unless told otherwise; like its hf model, fall back.
+                logger.warning("device %r is not available; using the CPU.", device)
+                device = None
+            self._device = torch.device(device or default)
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
 
+        if pretrained is None and peft is None:
+            raise ValueError("mdm_prime needs pretrained=<checkpoint> (or peft=<adapter> that records its base model).")
         if isinstance(pretrained, MDMPrimeForMaskedDiffusion):
             model = pretrained
         else:
@@ -340,7 +348,12 @@ class MDMPrimeLM(TemplateLM):
     @property
     def eot_token_id(self) -> int:
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-        return eos if eos is not None else self.model.config.eos_token_id
+        eos = eos if eos is not None else self.model.config.eos_token_id
+        if eos is None:
+            raise ValueError(
+                "neither the tokenizer nor the model config names an eos_token_id (the end-of-text prefix)."
+            )
+        return eos
 
     @property
     def prefix_token_id(self) -> int:
@@ -453,7 +466,7 @@ class MDMPrimeLM(TemplateLM):
             keys,
             self.mc_samples,
             seeds,
-            self.batch_size,
+            self.batch_size * self.mc_samples,
             self.device,
             progress=not disable_tqdm and self.rank == 0,
         )
