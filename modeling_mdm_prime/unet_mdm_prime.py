@@ -156,6 +156,24 @@ class MDMPrimeUNetStage(nn.Module):
         return h
 
 
+def init_unet_weights(module: nn.Module) -> bool:
+    """Initialise one layer of an :class:`MDMPrimeUNet` as designed; return False for any other module.
+
+    PyTorch's default initialisation (as ADM), then zero for the last layer of every residual branch (residual block
+    ``conv2``, attention ``proj_out``) and for the output conv. Everything goes through ``torch.nn.init``, which
+    transformers guards while loading a checkpoint, so that loaded weights are never overwritten.
+    """
+    init = getattr(module, "_unet_init", None)
+    if init is None:
+        return False
+    module.reset_parameters()
+    if init == "zero":
+        with torch.no_grad():
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+    return True
+
+
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
@@ -178,8 +196,14 @@ class MDMPrimeUNet(nn.Module):
 
     Every residual block's last conv, every attention output projection and the output conv start at zero, so the
     network outputs exactly zero at initialisation (uniform logits). :meth:`reset_parameters` restores this
-    initialisation; a ``PreTrainedModel`` whose ``_init_weights`` touches ``nn.Linear`` / ``nn.Conv2d`` should call it
-    for this module (``apply`` visits children first, so handling ``MDMPrimeUNet`` there comes last).
+    initialisation. A ``PreTrainedModel`` holding this module must apply it from ``_init_weights`` (whose default
+    re-draws every ``nn.Linear`` / ``nn.Conv2d`` from N(0, 0.02²)), layer by layer, since transformers 5 does not
+    visit parameter-less containers of remote-code models::
+
+        def _init_weights(self, module):
+            if init_unet_weights(module):
+                return
+            ...
 
     Conditioning: with ``cond_dim`` set, ``forward(x, cond)`` takes ``cond (B, cond_dim)`` and every residual block
     maps ``SiLU(cond)`` to a per-channel scale and shift after its second GroupNorm (``use_scale_shift_norm=True``)
@@ -307,24 +331,23 @@ class MDMPrimeUNet(nn.Module):
 
         self.out_norm = MDMPrimeUNetGroupNorm(num_groups, channels)
         self.out_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+        # Tag every layer with its initialisation, so that a PreTrainedModel can apply it layer by layer.
+        for module in self.modules():
+            if next(module.parameters(recurse=False), None) is not None:
+                module._unet_init = "default"
+        for module in self.modules():
+            if isinstance(module, MDMPrimeUNetResBlock):
+                module.conv2._unet_init = "zero"
+            elif isinstance(module, MDMPrimeUNetAttention):
+                module.proj_out._unet_init = "zero"
+        self.out_conv._unet_init = "zero"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """PyTorch's default initialisation for every layer, then zero for the last layer of every residual branch
-        (residual block ``conv2``, attention ``proj_out``) and for the output conv."""
+        """Re-initialise every layer as designed (see :func:`init_unet_weights`)."""
         for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        zero = [self.out_conv]
-        for module in self.modules():
-            if isinstance(module, MDMPrimeUNetResBlock):
-                zero.append(module.conv2)
-            elif isinstance(module, MDMPrimeUNetAttention):
-                zero.append(module.proj_out)
-        with torch.no_grad():
-            for layer in zero:
-                layer.weight.zero_()
-                layer.bias.zero_()
+            init_unet_weights(module)
 
     def _checkpointable(self) -> list[GradientCheckpointingLayer]:
         return [module for module in self.modules() if isinstance(module, GradientCheckpointingLayer)]
@@ -372,4 +395,4 @@ class MDMPrimeUNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(h)))
 
 
-__all__ = ["MDMPrimeUNet"]
+__all__ = ["MDMPrimeUNet", "init_unet_weights"]

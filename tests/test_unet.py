@@ -5,7 +5,13 @@ import torch
 import torch.utils.checkpoint
 from transformers import PretrainedConfig, PreTrainedModel
 
-from modeling_mdm_prime.unet_mdm_prime import MDMPrimeUNet, MDMPrimeUNetAttention, MDMPrimeUNetResBlock, _checkpoint
+from modeling_mdm_prime.unet_mdm_prime import (
+    MDMPrimeUNet,
+    MDMPrimeUNetAttention,
+    MDMPrimeUNetResBlock,
+    _checkpoint,
+    init_unet_weights,
+)
 
 TINY = dict(
     in_channels=8,
@@ -346,8 +352,24 @@ class _Holder(PreTrainedModel):
         self.backbone = tiny_unet(dropout=0.3)
         self.post_init()
 
+    def _init_weights(self, module):
+        if not init_unet_weights(module):
+            super()._init_weights(module)
+
     def forward(self, x):
         return self.backbone(x)
+
+
+def test_inside_a_pretrained_model(tmp_path):
+    """The documented ``_init_weights`` hook keeps the zero init under ``post_init``, and ``from_pretrained`` then
+    restores saved weights exactly (the reset goes through the ``torch.nn.init`` functions that loading guards)."""
+    holder = _Holder(PretrainedConfig())
+    x = inputs(holder.backbone)
+    assert torch.equal(holder(x), torch.zeros(3, holder.backbone.out_channels, *holder.backbone.image_size))
+    randomise(holder).save_pretrained(tmp_path)
+    loaded = _Holder.from_pretrained(tmp_path)
+    for (name, saved), (loaded_name, restored) in zip(holder.state_dict().items(), loaded.state_dict().items()):
+        assert name == loaded_name and torch.equal(saved, restored), name
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
