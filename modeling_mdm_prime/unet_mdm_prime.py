@@ -218,7 +218,9 @@ class MDMPrimeUNet(nn.Module):
     ``out_channels = 3·256 = 768``, ``model_channels=96``, ``channel_mult=(3, 4, 4)`` (widths 288 / 384 / 384 at
     32 / 16 / 8 px), 5 residual blocks per level, attention at 16 px with 64-channel heads, dropout 0.4, no time
     input. It has 118,669,344 parameters, whatever ℓ is (the image model keeps ``in_channels = channels ·
-    model_channels``; only its embedding table, outside this module, depends on ℓ).
+    model_channels``; only its embedding table, outside this module, depends on ℓ). A 28 x 28 single-channel
+    (MNIST-sized) network: ``in_channels=64, out_channels=256, model_channels=64, channel_mult=(1, 2, 2)`` (28 / 14 /
+    7 px), 2 residual blocks per level, attention at 14 px, 64-channel heads: 6,056,960 parameters.
     """
 
     def __init__(

@@ -439,3 +439,5 @@ def test_cifar_configuration():
     count = parameter_count(model)
     assert 100e6 < count < 130e6
     assert f"{count:,}" in MDMPrimeUNet.__doc__
+    with torch.device("meta"):
+        assert f"{parameter_count(MDMPrimeUNet(**MNIST)):,}" in MDMPrimeUNet.__doc__
