@@ -40,7 +40,7 @@ from .modeling_mdm_prime import (
 )
 from .sampling_mdm_prime import SamplerStrategy  # noqa: F401
 from .schedules_mdm_prime import sample_times
-from .unet_mdm_prime import MDMPrimeUNet
+from .unet_mdm_prime import MDMPrimeUNet, init_unet_weights
 
 logger = logging.get_logger(__name__)
 
@@ -142,9 +142,6 @@ class MDMPrimeImageModel(nn.Module):
                 cond_dim=cond_width if conditioned else None,
                 num_groups=config.unet_num_groups,
             )
-            # The U-Net initialises itself (ADM's zero-initialised output convolutions); transformers' init skips it.
-            for module in self.unet.modules():
-                module._mdm_prime_keep_init = True
         self.gradient_checkpointing = False
 
     def forward(
@@ -229,7 +226,9 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         return MDMPrimeGenerationConfig(num_steps=min(config.num_pixel_tokens, 512))
 
     def _init_weights(self, module):
-        if getattr(module, "_mdm_prime_keep_init", False):
+        # The U-Net's layers keep their own design (ADM: zero-initialised residual branches and output); the hook
+        # goes through torch.nn.init, which transformers guards while loading, so loaded weights stay untouched.
+        if init_unet_weights(module):
             return
         super()._init_weights(module)
 
