@@ -13,13 +13,15 @@ Every objective is built from these set marginals:
     -log p̄(y^M = y0^M | y_t), M the masked digits) and over all C tokens without. Not an upper bound on the
     NLL (method.md §3.4).
 
-The set marginals come from :func:`superset_logsumexp`, which needs about one pass over the (N, C) logits for
-all 2^ℓ digit sets at once: no (N, C, ℓ) tensor and no dense (N, C) filter is materialised.
+The set marginals come from :func:`superset_logsumexp`, which needs one exp and about one summing pass over the
+(N, C) logits for all 2^ℓ digit sets at once: no (N, C, ℓ) tensor and no dense (N, C) filter is materialised.
 
 Plain torch: no model, no I/O.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -103,79 +105,114 @@ def sample_mask_counts(
     return masked, weight.float(), torch.where(total > 0, level, torch.ones_like(level))
 
 
-def _padded_grid(logits: torch.Tensor, codec: SubTokenCodec, copy: bool = False) -> torch.Tensor:
-    """``(N, C)`` -> float32 ``(N, b_1, b, ..., b)``: one axis per digit, padded with -inf up to ``b_1 b^(ℓ-1)``.
+# The fast path needs Σ_x exp(x - x0) <= e^64 (x0 the target's logit, which lies in every set): every set sum
+# is then in [1, e^64], so float32 neither overflows nor loses a set to underflow (the at most C terms that
+# underflow change a sum >= 1 by < 1e-40). Rows beyond it (the target > 64 nats below the row's mass) are
+# rare and go through float64.
+_FAST_PATH_LIMIT = math.exp(64.0)
+# The float64 shift stays within this many nats of the row maximum, so no sum of C exps overflows (e^709).
+_FALLBACK_SHIFT_GAP = 640.0
 
-    Shares memory with ``logits`` when no padding or cast is needed, unless ``copy``.
-    """
+
+def _exp_grid(logits: torch.Tensor, shift: torch.Tensor, codec: SubTokenCodec, dtype: torch.dtype) -> torch.Tensor:
+    """``(n, C)`` logits and ``(n,)`` shifts -> a new ``(n, b_1, b, ..., b)`` grid of ``exp(logits - shift)`` in
+    ``dtype``: one axis per digit (most significant first), zero-padded (invalid codes) up to ``b_1 b^(ℓ-1)``."""
     inner = codec.base ** (codec.num_sub_tokens - 1)
     first = -(-codec.vocab_size // inner)
-    shape = (logits.shape[0], first, *([codec.base] * (codec.num_sub_tokens - 1)))
-    if first * inner == codec.vocab_size and not copy and logits.dtype == torch.float32:
-        return logits.view(shape)
-    grid = torch.empty(logits.shape[0], first * inner, dtype=torch.float32, device=logits.device)
-    grid[:, : codec.vocab_size] = logits
+    grid = torch.empty(logits.shape[0], first * inner, dtype=dtype, device=logits.device)
+    torch.sub(logits, shift.to(dtype).unsqueeze(1), out=grid[:, : codec.vocab_size])
     grid[:, codec.vocab_size :] = float("-inf")
-    return grid.view(shape)
+    return grid.exp_().view(logits.shape[0], first, *([codec.base] * (codec.num_sub_tokens - 1)))
 
 
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-
-
-def _resolve(tensor, digits, rows, depth, bits, out) -> None:
-    """Forward recursion over digit axes: at depth j split into 'digit j agrees' and 'digit j is free'."""
+def _resolve_sums(tensor: torch.Tensor, digits: torch.Tensor, rows: torch.Tensor, depth: int, bits: int, out) -> None:
+    """Forward recursion over the digit axes: at depth j split into "digit j agrees with the target" (select
+    its slice) and "digit j is free" (sum over the axis); the leaf's ``bits`` are the agreeing digits."""
     if depth == digits.shape[1]:
         out[:, bits] = tensor
         return
-    _resolve(tensor[rows, digits[:, depth]], digits, rows, depth + 1, bits | (1 << depth), out)
-    _resolve(torch.logsumexp(tensor, 1), digits, rows, depth + 1, bits, out)
+    _resolve_sums(tensor[rows, digits[:, depth]], digits, rows, depth + 1, bits | (1 << depth), out)
+    _resolve_sums(tensor.sum(1), digits, rows, depth + 1, bits, out)
 
 
-def _resolve_backward(tensor, digits, rows, depth, bits, grad_out, free=None) -> torch.Tensor:
-    """Gradient of the leaves below ``tensor`` w.r.t. ``tensor`` (computed in place of ``tensor``, which must
-    be owned): the select branch scatters its gradient back into the target's slice, the log-sum-exp branch
-    spreads it with the softmax along the axis."""
+def _set_sums(logits: torch.Tensor, shift: torch.Tensor, digits: torch.Tensor, codec, dtype) -> torch.Tensor:
+    """``(n, 2^ℓ)`` ``S[n, A] = Σ_{x agrees with the target on A} exp(logits[n, x] - shift[n])`` in ``dtype``."""
+    out = torch.empty(logits.shape[0], 1 << codec.num_sub_tokens, dtype=dtype, device=logits.device)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    _resolve_sums(_exp_grid(logits, shift, codec, dtype), digits, rows, 0, 0, out)
+    return out
+
+
+def _coefficient_grid(coefficients: torch.Tensor, digits: torch.Tensor, rows: torch.Tensor, depth: int, base: int):
+    """``K(y) = Σ_{A ⊆ agree(y)} c_A`` on the digit axes ``depth..ℓ-1``, an ``(n, b, ..., b)`` grid (``(n,)`` at
+    depth ℓ). ``agree(y)`` is the set of those digits of y that equal the target's; ``coefficients`` ``(n,
+    2^(ℓ-depth))`` is indexed by the bits of A from digit ``depth`` on. Each level is b times larger than the
+    two below it, so building it costs about 2/b of a pass over the logits."""
     if depth == digits.shape[1]:
-        return grad_out[:, bits]
-    if free is None:
-        free = torch.logsumexp(tensor, 1)
-    # lse := 0 on all -inf slices (padding, filtered tokens), where exp(x - lse) would be NaN. Taken before
-    # the recursion below, which overwrites ``free`` with its gradient.
-    shift = _finite_or_zero(free).unsqueeze(1)
-    grad_free = _resolve_backward(free, digits, rows, depth + 1, bits, grad_out)
-    grad_agree = _resolve_backward(
-        tensor[rows, digits[:, depth]], digits, rows, depth + 1, bits | (1 << depth), grad_out
-    )
-    grad = tensor.sub_(shift).exp_().mul_(grad_free.unsqueeze(1))
-    grad[rows, digits[:, depth]] += grad_agree
-    return grad
+        return coefficients[:, 0]
+    free = _coefficient_grid(coefficients[:, 0::2], digits, rows, depth + 1, base)
+    agree = _coefficient_grid(coefficients[:, 1::2], digits, rows, depth + 1, base)
+    grid = free.unsqueeze(1).repeat(1, base, *([1] * (free.dim() - 1)))
+    grid[rows, digits[:, depth]] += agree
+    return grid
+
+
+def _set_sums_backward(logits, shift, coefficients, digits, codec, dtype) -> torch.Tensor:
+    """``(n, b_1 b^(ℓ-1))`` gradient ``Σ_A c_A exp(x - shift) [x agrees with the target on A]`` for ``(n, 2^ℓ)``
+    coefficients ``c_A = ∂loss/∂F_A / S_A`` (the derivative of ``F_A = shift + log S_A``)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    grid = _exp_grid(logits, shift, codec, dtype)
+    # Digit 0 (the padded axis) is handled here rather than in _coefficient_grid, so that the only full-size
+    # work is one exp and one broadcast multiply, done in place.
+    free = _coefficient_grid(coefficients[:, 0::2], digits, rows, 1, codec.base)
+    agree = _coefficient_grid(coefficients[:, 1::2], digits, rows, 1, codec.base)
+    slab = grid[rows, digits[:, 0]] * agree
+    grid.mul_(free.unsqueeze(1))
+    grid[rows, digits[:, 0]] += slab
+    return grid.view(logits.shape[0], -1)
 
 
 class _SupersetLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, codec):
-        grid = _padded_grid(logits, codec)
         digits = codec.digit_table(logits.device)[targets]
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        out = grid.new_empty(logits.shape[0], 1 << codec.num_sub_tokens)
-        free = torch.logsumexp(grid, 1)  # the only full-size reduction; kept for the backward
-        _resolve(grid[rows, digits[:, 0]], digits, rows, 1, 1, out)
-        _resolve(free, digits, rows, 1, 0, out)
+        target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1).float()
+        sums = _set_sums(logits, target_logits, digits, codec, torch.float32)
+        out = sums.log().add_(target_logits.unsqueeze(1))
+        far = ~(sums[:, 0] <= _FAST_PATH_LIMIT)  # also catches inf / NaN (a -inf target logit)
+        far_rows = far.nonzero().squeeze(1) if bool(far.any()) else None
+        far_sums = far_shift = None
+        if far_rows is not None:
+            far_logits = logits[far_rows]
+            far_shift = torch.maximum(
+                far_logits.amax(1).double() - _FALLBACK_SHIFT_GAP, target_logits[far_rows].double()
+            )
+            far_shift = torch.where(torch.isfinite(far_shift), far_shift, torch.zeros_like(far_shift))
+            far_sums = _set_sums(far_logits, far_shift, digits[far_rows], codec, torch.float64)
+            out[far_rows] = far_sums.log().add_(far_shift.unsqueeze(1)).float()
+        out[:, -1] = target_logits  # the full set is the target alone: exact
         ctx.codec = codec
-        ctx.save_for_backward(logits, targets, free)
+        ctx.far_rows = far_rows
+        ctx.save_for_backward(logits, targets, target_logits, sums, far_sums, far_shift)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, targets, free = ctx.saved_tensors
-        codec = ctx.codec
-        # Recomputed rather than kept (it is as large as the logits), and overwritten by the gradient.
-        grid = _padded_grid(logits, codec, copy=True)
+        logits, targets, target_logits, sums, far_sums, far_shift = ctx.saved_tensors
+        codec, far_rows = ctx.codec, ctx.far_rows
         digits = codec.digit_table(logits.device)[targets]
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        grad = _resolve_backward(grid, digits, rows, 0, 0, grad_out.float(), free.clone())
-        return grad.view(logits.shape[0], -1)[:, : codec.vocab_size].to(logits.dtype), None, None
+        coefficients = grad_out.float() / sums  # every fast-path sum is >= 1
+        if far_rows is not None:
+            coefficients[far_rows] = 0.0
+        grad = _set_sums_backward(logits, target_logits, coefficients, digits, codec, torch.float32)
+        if far_rows is not None:
+            # A set of -inf logits has S = 0 and contributes nothing (its members' exps are 0).
+            far_grad_out = grad_out[far_rows].double()
+            far_coefficients = torch.where(far_sums > 0, far_grad_out / far_sums, torch.zeros_like(far_sums))
+            grad[far_rows] = _set_sums_backward(
+                logits[far_rows], far_shift, far_coefficients, digits[far_rows], codec, torch.float64
+            ).float()
+        return grad[:, : codec.vocab_size].to(logits.dtype), None, None
 
 
 def superset_logsumexp(logits: torch.Tensor, targets: torch.Tensor, codec: SubTokenCodec) -> torch.Tensor:
@@ -189,12 +226,19 @@ def superset_logsumexp(logits: torch.Tensor, targets: torch.Tensor, codec: SubTo
         significant digit is bit 0). Column ``2^ℓ - 1`` is the target's own logit, column 0 the whole row's
         log-sum-exp.
 
-    The logits are viewed as a grid with one axis per digit (padded with -inf, see :func:`_padded_grid`) and
-    the axes are resolved one at a time: each partial result splits into "digit j agrees" (select the
-    target's slice) and "digit j is free" (log-sum-exp over the axis). Both halves are b times smaller than
-    their parent, so all 2^ℓ sums cost about one pass over the logits (for b >= 4); each is a stable
-    log-sum-exp with its own maximum (a set can lie far below the row's maximum). Only the logits and one
-    ``(N, C / b)`` tensor are kept for the backward.
+    Every set A contains the target, so with the target's logit x0 as the shift, ``F[n, A] = x0 + log S[n, A]``
+    with ``S[n, A] = Σ_{x ∈ A} exp(logits[n, x] - x0) >= 1``: one exp over the logits, then only sums. The
+    exps are viewed as a grid with one axis per digit (zero-padded for invalid codes) and the axes are resolved
+    one at a time: each partial sum splits into "digit j agrees" (select the target's slice) and "digit j is
+    free" (sum over the axis). Both halves are b times smaller than their parent, so all 2^ℓ sums cost about
+    one pass (for b >= 4). The backward is ``∂F_A/∂x = exp(x - F_A) [x ∈ A]``: one exp and one multiply by
+    ``K(x) = Σ_{A ∋ x} g_A / S_A``, a grid built the same way from the (N, 2^ℓ) coefficients. Only the logits
+    and ``(N, 2^ℓ)`` sums are kept for the backward.
+
+    Float32 is exact to rounding while ``S[n, 0] <= e^64`` (the target within 64 nats of the row's
+    log-sum-exp, as in any trained or initialised network); other rows (a host synchronisation checks for
+    them) are computed in float64 with a shift near the row maximum, which is exact unless the target lies
+    more than ~1,300 nats below it. A -inf target logit gives -inf for the sets of -inf logits, and no NaN.
     """
     vocab = codec.vocab_size
     if logits.dim() != 2 or logits.shape[1] != vocab or targets.shape != logits.shape[:1]:
@@ -385,7 +429,8 @@ def genmd4_integrand(logits: torch.Tensor, targets: torch.Tensor, powers: torch.
     """
     log_mu = torch.log_softmax(logits.float(), -1)
     w = powers.float()
-    expected_power = log_mu.exp() @ w
+    with torch.autocast(logits.device.type, enabled=False):  # autocast would run this product in bf16 / fp16
+        expected_power = log_mu.exp() @ w
     w_x = w[targets]
     return expected_power - w_x - w_x * log_mu.gather(1, targets.unsqueeze(1)).squeeze(1)
 

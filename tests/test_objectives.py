@@ -240,3 +240,61 @@ def test_count_estimator_level_is_beta_and_independent_of_the_masked_set():
     assert abs(float(level.var()) / var - 1) < 5 * math.sqrt(2 / draws) * 1.5
     first = masked[:, 0, 0].double()
     assert abs(float(torch.corrcoef(torch.stack([level, first]))[0, 1])) < 5 / math.sqrt(draws)
+
+
+def brute_force_terms(logits, targets, masked, codec, carry_over):
+    """``diffusion_terms`` by enumeration in float64, differentiable: every token x is tested digit by digit."""
+    table = codec.digit_table()
+    x = logits.double()
+    valid, prime = [], []
+    for row in range(len(targets)):
+        digits = table[targets[row]]
+        allowed = torch.ones(codec.vocab_size, dtype=torch.bool)
+        if carry_over:
+            for j in range(codec.num_sub_tokens):
+                if not masked[row, j]:
+                    allowed &= table[:, j] == digits[j]
+        log_p = x[row].masked_fill(~allowed, -math.inf).log_softmax(-1)
+        terms = [
+            -log_p.masked_fill(~(allowed & (table[:, j] == digits[j])), -math.inf).logsumexp(-1)
+            for j in range(codec.num_sub_tokens)
+            if masked[row, j]
+        ]
+        valid.append(torch.stack(terms).sum() if terms else x.new_zeros(()))
+        prime.append(-log_p[targets[row]])
+    return torch.stack(valid), torch.stack(prime)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "ell"),
+    [(37, 1), (50, 2), (300, 2), (50, 3), (130, 3), (97, 4), (700, 4), (256, 4)],  # (256, 4): no invalid code
+)
+@pytest.mark.parametrize("carry_over", [True, False])
+def test_diffusion_terms_match_brute_force(vocab, ell, carry_over):
+    """Both integrands and their gradients against enumeration, for random masks, vocabularies with invalid codes
+    (C < b^ℓ), -inf logits (filtered tokens) and rows whose target lies 80 and 1,000 nats below the row's
+    maximum, which leave the float32 path (tolerance: float32 rounding of sums of up to 700 terms)."""
+    codec = SubTokenCodec(vocab, ell)
+    gen = torch.Generator().manual_seed(vocab * 10 + ell)
+    n = 24
+    logits = torch.randn(n, vocab, generator=gen, dtype=torch.float64) * 3
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    logits[0, (targets[0] + 1 + torch.arange(vocab // 3)) % vocab] = -math.inf
+    logits[1, (targets[1] + 1) % vocab] = logits[1, targets[1]] + 80.0
+    logits[2, (targets[2] + 1) % vocab] = logits[2, targets[2]] + 1000.0
+    masked = torch.rand(n, ell, generator=gen) < 0.5
+    masked[torch.arange(n), torch.randint(0, ell, (n,), generator=gen)] = True
+    masked[3] = True  # everything masked
+    weights = torch.randn(2, n, generator=gen, dtype=torch.float64)
+
+    ours = logits.float().requires_grad_(True)
+    reference = logits.clone().requires_grad_(True)
+    valid, prime = diffusion_terms(ours, targets, masked, codec, carry_over)
+    expected_valid, expected_prime = brute_force_terms(reference, targets, masked, codec, carry_over)
+    assert valid.dtype == prime.dtype == torch.float32
+    assert torch.allclose(valid.double(), expected_valid, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(prime.double(), expected_prime, rtol=1e-5, atol=1e-4)
+    (weights[0].float() * valid + weights[1].float() * prime).sum().backward()
+    (weights[0] * expected_valid + weights[1] * expected_prime).sum().backward()
+    assert not torch.isnan(ours.grad).any()
+    assert torch.allclose(ours.grad.double(), reference.grad, atol=1e-5)
