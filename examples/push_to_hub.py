@@ -1,17 +1,22 @@
-"""Publish a trained checkpoint to the Hugging Face Hub: weights, config, code, tokenizer and a model card.
+"""Publish a trained checkpoint to the Hugging Face Hub: weights, config, code, tokenizer or samples, and a model card.
 
     python examples/push_to_hub.py outputs/pretrain/final your-name/mdm-prime-shakespeare --private
     python examples/push_to_hub.py outputs/pretrain/final your-name/mdm-prime-shakespeare --revision v2 \\
         --commit_message "Retrained for 20k steps"
     python examples/push_to_hub.py outputs/pretrain/final your-name/mdm-prime-shakespeare --create_pr
     python examples/push_to_hub.py outputs/pretrain/final --save_to staged/   # dry run: write what would be pushed
+    python examples/push_to_hub.py outputs/train_images/final your-name/mdm-prime-digits   # an image model
 
 The checkpoint folder is what ``examples/pretrain.py`` saves (``<output_dir>/final``), or any ``save_pretrained``
 folder with the tokenizer. It is checked before anything is sent; pickles are refused (by name and by content). Only
 the files of the model are published (README's "What is uploaded"); the rest of the folder is left out and listed,
 and ``--include PATTERN`` publishes more. Put ``eval_results.json`` in it first (``examples/evaluate_ppl.py
---write_results``) to publish the held-out valid-bound perplexity in the card's metadata. Publishing again to the
-same repository adds a commit with what changed. A failed push changes nothing: run the same command again.
+--write_results``) to publish the held-out valid-bound perplexity in the card's metadata. An image checkpoint
+(``examples/train_images.py``'s ``final/``) needs no tokenizer: its ``samples.png`` and ``metrics.json`` are
+published, with ``examples/evaluate_images.py``'s ``eval_images.json`` when present (bits per dimension, FID or
+classifier Fréchet distance in the card), and its card has the sample grid and no text-generation tag. Publishing
+again to the same repository adds a commit with what changed. A failed push changes nothing: run the same command
+again.
 
 The token comes from ``--token``, ``HF_TOKEN`` or ``hf auth login``; ``HF_ENDPOINT`` selects another Hub.
 """
@@ -27,12 +32,16 @@ from modeling_mdm_prime.hub import HubPublishError, publish_checkpoint, stage_ch
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint_dir", help="save_pretrained folder with the tokenizer, e.g. outputs/pretrain/final")
+    parser.add_argument(
+        "checkpoint_dir",
+        help="save_pretrained folder: a text model with its tokenizer (outputs/pretrain/final) or an image model "
+        "(outputs/train_images/final)",
+    )
     parser.add_argument("repo_id", nargs="?", help="'namespace/name', or 'name' for your own namespace")
     hub = parser.add_argument_group("Hub")
     hub.add_argument("--private", action="store_true", help="create the repository private")
     hub.add_argument("--revision", default=None, help="branch to commit to (default main; created if needed)")
-    hub.add_argument("--commit_message", default=None, help="commit title (default: version and perplexity)")
+    hub.add_argument("--commit_message", default=None, help="commit title (default: version and valid bound)")
     hub.add_argument("--commit_description", default=None, help="commit body")
     hub.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
     hub.add_argument("--new_repo", action="store_true", help="fail if the repository already exists")
@@ -41,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     card.add_argument("--dataset", action="append", default=[], help="Hub dataset id (repeat for several)")
     card.add_argument("--language", action="append", default=[], help="ISO 639-1 code, e.g. en (repeatable)")
     card.add_argument("--license", default=None, help="Hub license id, e.g. apache-2.0")
-    card.add_argument("--example_prompt", default="The", help="prompt of the card's generation example")
+    card.add_argument("--example_prompt", default="The", help="prompt of the card's generation example (text models)")
     card.add_argument("--training_data", default=None, help="description of the training data for the card")
     card.add_argument("--card_template", default=None, help="Jinja2 template (default: the package's own)")
     parser.add_argument(

