@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One GPU check (issue 15), about 10 minutes on one H100 / H200. From the repository root, on a CUDA machine:
+#
+#   bash .ci/install.sh && bash benchmarks/gpu_suite.sh
+#
+# 1. tests that take a device, on CUDA (tests/test_precision.py, tests/test_fsdp.py) and the objective and
+#    model tests;
+# 2. benchmarks/scale.py in bf16 at the papers' configuration (eager and torch.compile, memory with and without
+#    gradient checkpointing, generation) -> benchmarks/results/scale_cuda.{json,md}, the README's Scale table;
+# 3. a short bf16 examples/pretrain.py run (DDP over all GPUs when there is more than one);
+# 4. FSDP (the shipped examples/accelerate_configs/fsdp.yaml, FSDP2): loss parity with DDP / one process,
+#    checkpoint and exact resume, final/ loadable (tests/test_fsdp.py with MDM_PRIME_FSDP_DEVICE=cuda).
+#
+# Every step has its own time limit and log in benchmarks/results/gpu_suite/; a failed step is reported and the
+# others still run; the exit status is non-zero if any step failed. summary.json lists steps, status, seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+PY=${PYTHON:-.venv/bin/python}
+LOGS=benchmarks/results/gpu_suite
+mkdir -p "$LOGS"
+
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_suite.sh: no CUDA device visible to $PY (torch.cuda.is_available() is False); nothing run." >&2
+  exit 2
+fi
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+"$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| GPUs:', torch.cuda.device_count(), '| torch', torch.__version__)" | tee "$LOGS/device.txt"
+
+FAILED=()
+SUMMARY=()
+# run_step NAME SECONDS COMMAND...: run with a time limit (SIGINT, then SIGKILL 20 s later), log to $LOGS/NAME.log.
+run_step() {
+  local name=$1 limit=$2 start status
+  shift 2
+  echo "== $name (limit ${limit} s): $*"
+  start=$SECONDS
+  if timeout --signal=INT --kill-after=20 "$limit" "$@" >"$LOGS/$name.log" 2>&1; then
+    status=ok
+  else
+    status="failed (exit $?; 124 = time limit)"
+    FAILED+=("$name")
+    tail -n 40 "$LOGS/$name.log" || true
+  fi
+  echo "   $status after $((SECONDS - start)) s"
+  SUMMARY+=("{\"step\": \"$name\", \"status\": \"$status\", \"seconds\": $((SECONDS - start))}")
+}
+
+# 1. Tests (device-aware ones run on CUDA; the FSDP test has its own step below).
+run_step tests 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_precision.py tests/test_objectives.py \
+  tests/test_codec.py tests/test_modeling.py
+
+# 2. Scale benchmark, bf16 autocast, papers' configuration, batch 8 x 1024 tokens.
+run_step scale 300 "$PY" benchmarks/scale.py --configs paper --compile-configs paper --dtype bf16 --batch-size 8 \
+  --rounds 3 --steps 3 --gen-steps 128
+
+# 3. Short bf16 pretraining run on the bundled corpus (DDP over all GPUs if there are several).
+PRETRAIN_OUT=$(mktemp -d)
+LAUNCH=("$PY" -m accelerate.commands.launch --num_machines 1 --mixed_precision bf16 --dynamo_backend no)
+if [ "$NGPU" -gt 1 ]; then
+  LAUNCH+=(--multi_gpu --num_processes "$NGPU")
+else
+  LAUNCH+=(--num_processes 1)
+fi
+run_step pretrain 90 "${LAUNCH[@]}" examples/pretrain.py --mixed_precision bf16 --max_steps 200 --eval_every 100 \
+  --checkpoint_every 100 --num_samples 1 --report_to jsonl --output_dir "$PRETRAIN_OUT/run"
+cp "$PRETRAIN_OUT/run/logs/metrics.jsonl" "$LOGS/pretrain_metrics.jsonl" 2>/dev/null || true
+
+# 4. FSDP: parity, exact resume, loadable final/ (skips only if the launch cannot start at all).
+run_step fsdp 90 env MDM_PRIME_FSDP_DEVICE=cuda "$PY" -m pytest -q -x -p no:cacheprovider -rs tests/test_fsdp.py
+rm -rf "$PRETRAIN_OUT"
+
+{
+  echo "["
+  for i in "${!SUMMARY[@]}"; do
+    sep=","
+    [ "$i" -eq $((${#SUMMARY[@]} - 1)) ] && sep=""
+    echo "  ${SUMMARY[$i]}$sep"
+  done
+  echo "]"
+} >"$LOGS/summary.json"
+cat "$LOGS/summary.json"
+if [ "${#FAILED[@]}" -gt 0 ]; then
+  echo "gpu_suite.sh: failed steps: ${FAILED[*]} (logs in $LOGS/)" >&2
+  exit 1
+fi
+echo "gpu_suite.sh: all steps passed; results in benchmarks/results/scale_cuda.{json,md} and $LOGS/"
