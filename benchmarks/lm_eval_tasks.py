@@ -80,6 +80,13 @@ def run(checkpoint: Path, mc_samples: int, tasks: list[str], seed: int, batch_si
         stderrs = lm.last_stderr.get(name)
         if stderrs:
             methods[key]["mean_bound_stderr_nats"] = sum(stderrs) / len(stderrs)
+    if "mdm_prime_ppl" in tasks:
+        # The Monte-Carlo error of the aggregated bits_per_byte: documents use independent noise, so the s.e. of
+        # the summed bound is the root of the summed variances (lm-eval reports no s.e. for this metric).
+        texts = [json.loads(line)["text"] for line in (REPO / "tests" / "lm_eval_tasks" / "ppl.jsonl").open()]
+        total_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        variance = sum(se**2 for se in lm.last_stderr["loglikelihood_rolling"])
+        scores["mdm_prime_ppl/bits_per_byte"]["monte_carlo_stderr"] = math.sqrt(variance) / (total_bytes * math.log(2))
     return {"scores": scores, "methods": methods}
 
 
@@ -88,13 +95,15 @@ def render_markdown(results: dict) -> str:
         f"lm-eval {results['lm_eval_version']} on `{results['checkpoint']}`, local tasks of tests/lm_eval_tasks "
         f"({results['device']}, batch_size {results['batch_size']}, generation: {results['generation']}).",
         "",
-        "| K (mc_samples) | task / metric | value | s.e. (over documents) |",
-        "|---|---|---|---|",
+        "| K (mc_samples) | task / metric | value | s.e. over documents | Monte-Carlo s.e. |",
+        "|---|---|---|---|---|",
     ]
     for run_ in results["runs"]:
         for name, score in run_["scores"].items():
             stderr = "n/a" if score["stderr"] is None else f"{score['stderr']:.4g}"
-            lines.append(f"| {run_['mc_samples']} | {name} | {score['value']:.4g} | {stderr} |")
+            mc = score.get("monte_carlo_stderr")
+            mc = "-" if mc is None else f"{mc:.4g}"
+            lines.append(f"| {run_['mc_samples']} | {name} | {score['value']:.4g} | {stderr} | {mc} |")
     lines += [
         "",
         "| K (mc_samples) | method | requests | seconds | s / request | mean Monte-Carlo s.e. per request (nats) |",

@@ -212,9 +212,9 @@ def conditional_bounds(
             mask, weight, level = (t[s] for t in noise[index_of[w]])
             masked[row, : mask.shape[0]] = mask
             weights[row], levels[row] = weight, level
-        sums = score_masked_rows(model, ids.to(device), real.to(device), masked.to(device), levels.to(device))
+        sums = score_masked_rows(model, ids.to(device), real.to(device), masked.to(device), levels.to(device)).cpu()
         for row, (w, s) in enumerate(chunk):
-            samples[w, s] = sums[row].item() * weights[row].item()
+            samples[w, s] = sums[row] * weights[row]
     lengths = torch.tensor([len(t) for _, t in windows])
     return samples, lengths
 
@@ -238,7 +238,7 @@ class MDMPrimeLM(TemplateLM):
             ``batch_size · mc_samples`` rows), prompts per ``generate()`` call. lm-eval's CLI passes 1 unless
             told ``--batch_size``.
         max_length: the model's window in tokens (default: ``max_position_embeddings``).
-        mc_samples: Monte-Carlo draws per scored window (network calls per window).
+        mc_samples: Monte-Carlo draws per scored window (network rows per window).
         seed: base seed; each window / prompt derives its own from it and its tokens.
         is_greedy: compute ``is_greedy`` by iterative argmax unmasking (up to |cont| network calls per request).
             Off by default: the returned flag is then False.
@@ -246,6 +246,7 @@ class MDMPrimeLM(TemplateLM):
             ``context_len``; 1 = its default).
         add_bos_token, prefix_token_id: as for lm-eval's ``hf`` model.
         max_gen_toks: default ``max_gen_toks`` of generation requests.
+        max_batch_size: accepted for lm-eval's CLI and unused (there is no automatic batch size).
         num_steps, strategy, temperature, top_p, ...: generation-config fields (``GENERATION_FIELDS``), the
             defaults for every ``generate_until`` request; a task's ``generation_kwargs`` win over them.
     """
@@ -283,6 +284,10 @@ class MDMPrimeLM(TemplateLM):
         for name, value in (("mc_samples", mc_samples), ("rolling_context_len", rolling_context_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2
+        ):
+            raise ValueError(f"max_length must be an integer >= 2 (a context token and a target), got {max_length!r}.")
         if isinstance(batch_size, str):
             batch_size = 8 if batch_size.startswith("auto") else int(batch_size)
         if batch_size < 1:
