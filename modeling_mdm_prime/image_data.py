@@ -362,7 +362,7 @@ def load_hf_image_dataset(
     import datasets
 
     path = Path(name_or_path)
-    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+    if any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json", "state.json")):
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
             if split not in data:

@@ -221,6 +221,13 @@ def test_saved_dataset_with_img_column_and_grey_images(tmp_path):
     assert rgb.shape == (1, 3, 4, 5) and torch.equal(rgb[0, 0], rgb[0, 2])
     with pytest.raises(ValueError, match="no column"):
         load_hf_image_dataset(str(tmp_path / "ds"), image_column="image")
+    # A DatasetDict saved to disk: the split is chosen by name.
+    whole = datasets.Dataset.from_dict({"img": images, "label": [0, 2, 1, 2]}, features=features)
+    datasets.DatasetDict(train=whole.select([0, 1]), test=whole.select([2, 3])).save_to_disk(tmp_path / "dd")
+    test = load_hf_image_dataset(str(tmp_path / "dd"), split="test")[:2]
+    assert torch.equal(test["pixel_values"][:, 0], torch.from_numpy(np.stack(arrays[2:])).long())
+    with pytest.raises(ValueError, match="not 'validation'"):
+        load_hf_image_dataset(str(tmp_path / "dd"), split="validation")
 
 
 def test_pil_to_levels_refuses_mixed_sizes():
