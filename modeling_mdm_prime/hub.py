@@ -747,7 +747,12 @@ def _image_card_variables(folder: Path, config: Mapping, training: Mapping | Non
         ),
         None,
     )
-    split = (training or {}).get("eval_split") if not evaluation else None
+    # The held-out split of the bound: evaluate_images.py records its settings under "config", train_images.py its
+    # held-out split as "eval_split".
+    from_report = bool(evaluation and evaluation.get("bits_per_dim"))
+    settings = (evaluation or {}).get("config") if from_report else training
+    split = settings.get("split" if from_report else "eval_split") if isinstance(settings, Mapping) else None
+    split = split if isinstance(split, str) else None
     conditional = int(config.get("num_classes") or 0) > 0
     eval_results = []
     if dataset is not None:

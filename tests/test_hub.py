@@ -1034,10 +1034,12 @@ def test_image_card_labels_the_paper_objective_and_cfd(image_checkpoint, tmp_pat
     assert "| FID | 12.500 | NFE 16" in body and "FID Inception-v3" in body and "not FID" not in body
 
 
-def test_image_checkpoint_round_trip_through_the_hub(image_checkpoint, online, tmp_path):
-    """Publish to the local Hub, then in a fresh process where the package is not importable: download the
-    snapshot, load it with AutoModel and trust_remote_code, generate (the seeded images equal this process's), and
-    run the card's snippet as written (sampling, imputation that keeps every fixed digit, bits per dimension)."""
+@pytest.mark.parametrize("python", list(interpreters()))
+def test_image_checkpoint_round_trip_through_the_hub(image_checkpoint, online, python, tmp_path):
+    """Publish to the local Hub, then in a fresh process where the package is not importable (transformers 5.x and
+    4.57): download the snapshot, load it with AutoModel and trust_remote_code, generate (the seeded images equal
+    this process's), and run the card's snippet as written (sampling, imputation that keeps every fixed digit, bits
+    per dimension)."""
     from modeling_mdm_prime import MDMPrimeForImageDiffusion
 
     with LocalHub(tokens={TOKEN: USER}) as hub:
@@ -1051,7 +1053,7 @@ def test_image_checkpoint_round_trip_through_the_hub(image_checkpoint, online, t
         readme = files["README.md"].decode()
         assert "![samples](samples.png)" in readme and "text-generation" not in readme.split("\n---\n", 1)[0]
         report = run_json(
-            [sys.executable, "-I", "-c", IMAGE_LOADER, IMAGE_REPO_ID, "main", "8"], hub_env(hub, tmp_path), tmp_path
+            [python, "-I", "-c", IMAGE_LOADER, IMAGE_REPO_ID, "main", "8"], hub_env(hub, tmp_path), tmp_path
         )
     assert report["class"][0] == "MDMPrimeForImageDiffusion" and report["class"][1].startswith("transformers_modules")
     assert set(report["files"]) == set(files)
