@@ -359,6 +359,7 @@ def markdown(report: dict) -> str:
         for name, t in res.get("train", {}).items():
             comp = res.get("compiled", {}).get(name)
             mem = res.get("memory", {}).get(name)
+            mem = mem if mem and "plain" in mem else None
             cells = [
                 f"{t['tokens_per_s']:,.0f}",
                 f"{t['ratio_vs_gpt2']:.2f}",
