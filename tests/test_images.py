@@ -4,6 +4,7 @@ sampler's knobs, and remote-code loading of saved image checkpoints in fresh pro
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -393,3 +394,31 @@ def test_image_checkpoint_loads_with_only_its_code(tmp_path, python, version, ba
 def test_image_codec_is_the_text_codec():
     model = image_model(num_levels=17, num_sub_tokens=2)
     assert isinstance(model.codec, SubTokenCodec) and model.codec.base == 5 and model.codec.num_codes == 25
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The committed image reference checkpoint
+# ------------------------------------------------------------------------------------------------------------------
+
+DIGITS_REFERENCE = Path(__file__).resolve().parents[1] / "checkpoints" / "mdm-prime-digits-tiny"
+# The options its card was rendered with (README.md, "Images", has the command).
+DIGITS_CARD_OPTIONS = dict(
+    license="apache-2.0", training_data="scikit-learn's 8 × 8 digits (1,437 training images; BSD-3-Clause)"
+)
+
+
+def test_digits_reference_checkpoint_is_complete_current_and_small():
+    from modeling_mdm_prime import check_checkpoint, render_model_card, shipped_code_files
+
+    files = set(check_checkpoint(DIGITS_REFERENCE))
+    assert {"samples.png", "metrics.json", "eval_images.json", "unet_mdm_prime.py"} <= files
+    package = Path(__file__).resolve().parents[1] / "modeling_mdm_prime"
+    code = shipped_code_files(DIGITS_REFERENCE)
+    assert {p.name for p in package.glob("*_mdm_prime.py")} == set(code)  # an image checkpoint ships all nine
+    stale = [n for n in code if (DIGITS_REFERENCE / n).read_bytes() != (package / n).read_bytes()]
+    assert not stale, f"{stale} differ from modeling_mdm_prime/; copy them into {DIGITS_REFERENCE}"
+    card = render_model_card(DIGITS_REFERENCE, "checkpoints/mdm-prime-digits-tiny", **DIGITS_CARD_OPTIONS)
+    assert (DIGITS_REFERENCE / "README.md").read_text(encoding="utf-8") == str(card)
+    assert sum(p.stat().st_size for p in DIGITS_REFERENCE.iterdir()) < 6 * 2**20
+    metrics = json.loads((DIGITS_REFERENCE / "metrics.json").read_text())
+    assert metrics["val/bpd"] < math.log2(17) - 1.5  # well below the uniform model's log2(17) = 4.09 bits

@@ -15,11 +15,18 @@ NOISE_SCHEDULES = ("linear", "polynomial", "cosine", "geometric", "learnable_pol
 # GenMD4 (method.md §2): one learnable power per token value, α_{t,i} = 1 - t^{w_i}.
 STATE_DEPENDENT_SCHEDULES = ("learnable_polynomial",)
 LOSS_TYPES = ("elbo", "prime")
+# The MDM-Prime paper's image objective (images.md): unweighted cross-entropy, sub-tokens masked w.p. 1 - (1 - t)^3.
+IMAGE_LOSS_TYPES = (*LOSS_TYPES, "cross_entropy")
+IMAGE_BACKBONES = ("transformer", "unet")
 
 AUTO_MAP = {
     "AutoConfig": "configuration_mdm_prime.MDMPrimeConfig",
     "AutoModel": "modeling_mdm_prime.MDMPrimeForMaskedDiffusion",
     "AutoModelForMaskedLM": "modeling_mdm_prime.MDMPrimeForMaskedDiffusion",
+}
+IMAGE_AUTO_MAP = {
+    "AutoConfig": "configuration_mdm_prime.MDMPrimeImageConfig",
+    "AutoModel": "modeling_image_mdm_prime.MDMPrimeForImageDiffusion",
 }
 
 
@@ -96,6 +103,7 @@ class MDMPrimeConfig(PretrainedConfig):
     """
 
     model_type = "mdm_prime"
+    loss_types = LOSS_TYPES
 
     def __init__(
         self,
@@ -227,10 +235,10 @@ class MDMPrimeConfig(PretrainedConfig):
         for name in ("time_conditioning", "carry_over"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        if self.loss_type not in LOSS_TYPES:
+        if self.loss_type not in self.loss_types:
             raise ValueError(
-                f"loss_type must be 'elbo' (the valid NLL bound) or 'prime' (the paper objective), "
-                f"got {self.loss_type!r}."
+                f"loss_type must be one of {self.loss_types} ('elbo' is the valid NLL bound; the others are the "
+                f"papers' objectives, not bounds), got {self.loss_type!r}."
             )
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= number(name) < 1.0:
@@ -245,4 +253,158 @@ class MDMPrimeConfig(PretrainedConfig):
                     raise ValueError(f"{name}={value} is outside the vocabulary [0, {vocab_size}).")
 
 
-__all__ = ["MDMPrimeConfig"]
+class MDMPrimeImageConfig(MDMPrimeConfig):
+    r"""Configuration of an MDM-Prime / MD4 model over images (images.md).
+
+    One colour channel of one pixel is one token with ``num_levels`` values (256 for 8-bit images, 17 for
+    scikit-learn's digits), written as ℓ = ``num_sub_tokens`` base-b digits. The model sees the image as a
+    sequence of ``num_channels · height · width`` tokens in (row, column, channel) order, so the objectives, the
+    bound and every sampler of the text models apply unchanged; the backbone sees pixels: the
+    ``num_channels · ℓ`` sub-token embeddings of a pixel are concatenated into one feature vector.
+
+    Args:
+        num_channels, height, width: the image shape (C, H, W).
+        num_levels: values per pixel channel (the vocabulary size C of the tokens).
+        num_sub_tokens: ℓ. ℓ = 2 at 256 levels is the paper's b = 16; ℓ = 2 at 17 levels gives b = 5 with
+            8 invalid codes, which the consistency filter removes.
+        backbone: ``"transformer"`` (the text model's blocks over the H·W pixels with 2-D rotary positions;
+            ``hidden_size`` must be divisible by ``num_channels · ℓ``) or ``"unet"`` (the paper's ADM U-Net:
+            each sub-token embedding is ``unet_model_channels / ℓ`` wide, so the U-Net's input has
+            ``num_channels · unet_model_channels`` channels, 288 for CIFAR-10, and no input convolution).
+        unet_model_channels, unet_channel_mult, unet_num_res_blocks, unet_attention_resolutions,
+        unet_num_head_channels, unet_num_groups: the U-Net. The paper's CIFAR-10 / ImageNet-32 network is
+            96, (3, 4, 4), 5, (16,), 64 with ``dropout=0.4`` (:meth:`cifar10`).
+        num_classes: 0 for unconditional models; otherwise class-conditional with one extra "null" class for
+            classifier-free guidance.
+        class_dropout: probability of training on the null class (classifier-free guidance).
+        loss_type: ``"elbo"`` (the valid bound, default), ``"prime"`` (the paper's text objective) or
+            ``"cross_entropy"`` (the paper's image objective: t ~ U(0, 1), every sub-token masked with
+            probability 1 - (1 - t)^``cross_entropy_exponent``, unweighted cross-entropy over all pixel channels,
+            no filter; not a bound on the NLL).
+        Every other argument is :class:`MDMPrimeConfig`'s.
+    """
+
+    model_type = "mdm_prime_image"
+    loss_types = IMAGE_LOSS_TYPES
+
+    def __init__(
+        self,
+        num_channels: int = 1,
+        height: int = 8,
+        width: int = 8,
+        num_levels: int = 17,
+        num_sub_tokens: int = 1,
+        backbone: str = "transformer",
+        hidden_size: int = 128,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        intermediate_size: int = 512,
+        unet_model_channels: int = 96,
+        unet_channel_mult: list[int] | tuple[int, ...] = (3, 4, 4),
+        unet_num_res_blocks: int = 5,
+        unet_attention_resolutions: list[int] | tuple[int, ...] = (16,),
+        unet_num_head_channels: int = 64,
+        unet_num_groups: int = 32,
+        num_classes: int = 0,
+        class_dropout: float = 0.1,
+        cross_entropy_exponent: float = 3.0,
+        **kwargs,
+    ):
+        self.num_channels = num_channels
+        self.height = height
+        self.width = width
+        self.num_levels = num_levels
+        self.backbone = backbone
+        self.unet_model_channels = unet_model_channels
+        self.unet_channel_mult = list(unet_channel_mult)
+        self.unet_num_res_blocks = unet_num_res_blocks
+        self.unet_attention_resolutions = list(unet_attention_resolutions)
+        self.unet_num_head_channels = unet_num_head_channels
+        self.unet_num_groups = unet_num_groups
+        self.num_classes = num_classes
+        self.class_dropout = class_dropout
+        self.cross_entropy_exponent = cross_entropy_exponent
+        vocab_size = kwargs.pop("vocab_size", num_levels)
+        if vocab_size != num_levels:
+            raise ValueError(f"vocab_size={vocab_size} must equal num_levels={num_levels} for an image model.")
+        for name in ("num_channels", "height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        num_tokens = num_channels * height * width
+        kwargs.pop("max_position_embeddings", None)  # always the number of pixel channels
+        kwargs.setdefault("auto_map", dict(IMAGE_AUTO_MAP))
+        kwargs.setdefault("dropout", 0.0)
+        super().__init__(
+            vocab_size=num_levels,
+            num_sub_tokens=num_sub_tokens,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=num_tokens,
+            **kwargs,
+        )
+
+    @classmethod
+    def cifar10(cls, num_sub_tokens: int = 2, **kwargs) -> MDMPrimeImageConfig:
+        """The paper's CIFAR-10 / ImageNet-32 network (images.md): a time-independent ADM U-Net, 96 channels,
+        multipliers (3, 4, 4), 5 residual blocks per level, attention at 16 × 16 with 64-channel heads, dropout
+        0.4, 256 levels, trained on the paper's cross-entropy objective."""
+        settings = dict(
+            num_channels=3,
+            height=32,
+            width=32,
+            num_levels=256,
+            backbone="unet",
+            unet_model_channels=96,
+            unet_channel_mult=(3, 4, 4),
+            unet_num_res_blocks=5,
+            unet_attention_resolutions=(16,),
+            unet_num_head_channels=64,
+            dropout=0.4,
+            loss_type="cross_entropy",
+        )
+        settings.update(kwargs)
+        return cls(num_sub_tokens=num_sub_tokens, **settings)
+
+    @property
+    def num_pixel_tokens(self) -> int:
+        """Tokens per image: ``num_channels · height · width``."""
+        return self.num_channels * self.height * self.width
+
+    def validate_settings(self) -> None:
+        super().validate_settings()
+        if self.backbone not in IMAGE_BACKBONES:
+            raise ValueError(f"backbone must be one of {IMAGE_BACKBONES}, got {self.backbone!r}.")
+        if self.noise_schedule in STATE_DEPENDENT_SCHEDULES:
+            raise ValueError(
+                "noise_schedule='learnable_polynomial' (GenMD4) is implemented for text models only; image models "
+                "take the fixed schedules."
+            )
+        per_pixel = self.num_channels * self.num_sub_tokens
+        if self.backbone == "transformer":
+            if self.hidden_size % per_pixel:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} must be divisible by num_channels · num_sub_tokens = {per_pixel}: "
+                    "the sub-token embeddings of a pixel are concatenated into its hidden vector."
+                )
+            if (self.hidden_size // self.num_attention_heads) % 4:
+                raise ValueError(
+                    f"head dimension hidden_size / num_attention_heads = {self.hidden_size // self.num_attention_heads}"
+                    " must be divisible by 4 for 2-D rotary position embeddings (half for rows, half for columns)."
+                )
+        elif self.unet_model_channels % self.num_sub_tokens:
+            raise ValueError(
+                f"unet_model_channels={self.unet_model_channels} must be divisible by num_sub_tokens="
+                f"{self.num_sub_tokens}: each sub-token embedding is unet_model_channels / ℓ wide."
+            )
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (unconditional) or a positive integer, got {self.num_classes!r}.")
+        if isinstance(self.class_dropout, bool) or not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1), got {self.class_dropout!r}.")
+        if isinstance(self.cross_entropy_exponent, bool) or not self.cross_entropy_exponent > 0:
+            raise ValueError(f"cross_entropy_exponent must be a positive number, got {self.cross_entropy_exponent!r}.")
+
+
+__all__ = ["MDMPrimeConfig", "MDMPrimeImageConfig"]

@@ -33,6 +33,7 @@ from .sampling_mdm_prime import (
     SamplerStepInput,
     SamplerStrategy,
     StateDependentStrategy,
+    check_time_warp,
     content_words,
     counter_uniform,
     get_sampler_strategy,
@@ -53,6 +54,9 @@ DIFFUSION_DEFAULTS = {
     "sample_in_float64": True,
     "final_step": "sample",
     "output_history": False,
+    "temperature_schedule": None,
+    "time_warp": None,
+    "corrector": None,
 }
 # Standard fields whose transformers defaults would change what is sampled (4.57 defaults to top_k=50 and
 # greedy decoding): always written to generation_config.json so the file means the same on every version.
@@ -118,6 +122,15 @@ class MDMPrimeGenerationConfig(GenerationConfig):
         final_step: ``"sample"`` or ``"argmax"`` for the draws of each block's last step.
         output_history: with ``return_dict_in_generate``, also return the sub-tokens after every step.
 
+    The MDM-Prime image sampler's knobs (images.md; the paper grid-searched them per (ℓ, NFE) cell, e.g. CIFAR-10
+    ℓ = 2 at NFE 512: ``temperature_schedule=(-0.2, 2, 1)``, ``corrector=(16, 2)``, ``time_warp=(1, 1.7, 0)``).
+    They are written in the reference code's time τ = 1 - t (τ = 0 all masked) and apply to text models too:
+        temperature_schedule: (a, b, c): the filtered log-probabilities are divided by ``a τ^b + c`` (after
+            ``temperature``); it must stay positive on [0, 1].
+        time_warp: (a, e, c): warp the time grid, ``τ' = 1 - a (1 - τ)^e + c`` (see ``warp_times``; e = 0: none).
+        corrector: (a, e): re-mask revealed digits at rate ``a τ^e (1 - τ)^e`` and reveal correspondingly faster
+            (:class:`PredictorCorrectorStrategy`, ancestral strategy only; approximate).
+
     Reused standard settings: ``max_new_tokens`` / ``max_length``, ``do_sample`` (default True),
     ``temperature``, ``top_k``, ``top_p`` (token level, on the filtered distribution),
     ``num_return_sequences``, ``eos_token_id``, ``pad_token_id``, ``return_dict_in_generate``.
@@ -146,6 +159,26 @@ class MDMPrimeGenerationConfig(GenerationConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name, size in (("temperature_schedule", 3), ("time_warp", 3), ("corrector", 2)):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, (list, tuple)) or len(value) != size or not all(_is_number(v) for v in value)
+            ):
+                raise ValueError(f"{name} must be None or {size} numbers, got {value!r}.")
+        if self.temperature_schedule is not None:
+            a, b, c = self.temperature_schedule
+            if not (b >= 0 and c > 0 and a + c > 0):
+                raise ValueError(
+                    f"temperature_schedule (a, b, c) = {tuple(self.temperature_schedule)} must give a positive "
+                    "temperature a·τ^b + c on [0, 1]: b >= 0, c > 0 and a + c > 0."
+                )
+        if self.time_warp is not None:
+            check_time_warp(self.time_warp)
+        if self.corrector is not None:
+            if min(self.corrector) < 0:
+                raise ValueError(f"corrector (rate, exponent) must be non-negative, got {tuple(self.corrector)}.")
+            if self.strategy not in ("ancestral", "predictor_corrector"):
+                raise ValueError(f"corrector applies to the ancestral sampler, not to strategy={self.strategy!r}.")
         if not _is_number(self.threshold):
             raise ValueError(f"threshold must be a finite number, got {self.threshold!r}.")
         if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
@@ -594,17 +627,25 @@ class MDMPrimeGenerationMixin:
         ).float()
         allowed = self.codec.consistency_mask(loop.y[scored], check=False)
         log_probs = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
-        if not loop.processors:
-            return log_probs
-        tokens = self._decided_tokens(loop.y, loop.canvas, loop.config)
         row_of = torch.arange(loop.y.shape[0], device=loop.y.device).unsqueeze(1).expand_as(scored)[scored]
-        return loop.processors(tokens[row_of], log_probs)
+        if loop.processors:
+            tokens = self._decided_tokens(loop.y, loop.canvas, loop.config)
+            log_probs = loop.processors(tokens[row_of], log_probs)
+        if loop.config.temperature_schedule is not None:
+            a, b, c = loop.config.temperature_schedule
+            tau = 1.0 - loop.strategy.times(loop.step)[0]  # the reference code's time: 0 = all masked
+            temperature = (a * tau**b + c).float()[row_of].unsqueeze(1)
+            log_probs = (log_probs / temperature).log_softmax(-1)
+        return log_probs
 
     def _denoising_step(self, loop: _DenoisingLoop) -> None:
         """One step of every running row: plan without the model, call it only if something is revealed."""
         strategy, y = loop.strategy, loop.y
         state = self._step_input(loop)
-        scored = state.updatable.any(-1) if not loop.config.use_idle_cache else strategy.plan(state)
+        # Without the idle cache every masked position is scored (a superset of the plan: same samples).
+        scored = strategy.plan(state)
+        if not loop.config.use_idle_cache:
+            scored = scored | state.updatable.any(-1)
         if bool(scored.any()):
             scores = self._sampling_scores(loop, scored, strategy.noise_level(state))
             loop.y = strategy.step(scores, scored, state).sub_ids
@@ -742,6 +783,8 @@ class MDMPrimeGenerationMixin:
                 float64=config.sample_in_float64,
                 confidence_measure=config.confidence_measure,
                 threshold=config.threshold,
+                time_warp=config.time_warp,
+                corrector=config.corrector,
             )
         if getattr(self, "state_dependent", False) and type(strategy) is AncestralStrategy:
             # GenMD4 (learnable_polynomial): the exact ancestral sampler of a state-dependent schedule.

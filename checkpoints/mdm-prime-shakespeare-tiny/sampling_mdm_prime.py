@@ -71,6 +71,42 @@ def row_time_grids(num_steps: torch.Tensor, kind: str = "uniform") -> torch.Tens
     return grid.masked_fill(k >= steps, 0.0)
 
 
+def check_time_warp(time_warp) -> tuple[float, float, float] | None:
+    """Validate ``(a, e, c)`` (see :func:`warp_times`); None or e = 0 means no warp."""
+    if time_warp is None:
+        return None
+    values = tuple(time_warp) if isinstance(time_warp, (list, tuple)) else None
+    if values is None or len(values) != 3 or not all(_is_real(v) for v in values):
+        raise ValueError(f"time_warp must be three numbers (a, e, c) or None, got {time_warp!r}.")
+    a, e, c = (float(v) for v in values)
+    if e == 0:
+        return None
+    if not (a > 0 and e > 0 and a - c >= 1.0 and -c <= 0.0):
+        raise ValueError(
+            f"time_warp (a, e, c) = {values} must be increasing and cover [0, 1]: a > 0, e > 0 (e = 0: no warp), "
+            "a - c >= 1 and c >= 0."
+        )
+    return a, e, c
+
+
+def warp_times(t: torch.Tensor, time_warp: tuple[float, float, float] | None) -> torch.Tensor:
+    """The MDM-Prime image sampler's time warp (images.md), in this package's direction (t = 1 all masked).
+
+    The reference code runs time the other way (τ = 1 - t, τ = 0 all masked) and warps ``τ' = 1 - a(1 - τ)^e + c``;
+    here that is ``t' = clamp(a · t^e - c, 0, 1)``, with the grid's end points kept exact. The paper's CIFAR-10
+    setting (a, e, c) = (1, 1.7, 0) is ``t' = t^1.7``: more steps spent where few elements are still masked.
+    """
+    if time_warp is None:
+        return t
+    a, e, c = time_warp
+    warped = (a * t.clamp(min=0.0) ** e - c).clamp(0.0, 1.0)
+    return torch.where((t == 1.0) | (t == 0.0), t, warped)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (multiply-xorshift) on int64 tensors holding values in [0, 2^32).
 
@@ -286,11 +322,14 @@ class SamplerStrategy:
     exact = False
     adaptive = False
 
-    def __init__(self, time_grid: str = "uniform", float64: bool = True):
+    def __init__(
+        self, time_grid: str = "uniform", float64: bool = True, time_warp: tuple[float, float, float] | None = None
+    ):
         if time_grid not in TIME_GRIDS:
             raise ValueError(f"time_grid must be one of {TIME_GRIDS}, got {time_grid!r}.")
         self.time_grid = time_grid
         self.float64 = bool(float64)
+        self.time_warp = check_time_warp(time_warp)
         self.codec: SubTokenCodec | None = None
         self.timesteps: torch.Tensor | None = None
         self.alphas: torch.Tensor | None = None
@@ -318,7 +357,7 @@ class SamplerStrategy:
         schedule = (schedule or LinearSchedule()).exact()
         self.codec = codec
         self.steps_per_block = steps_per_block.long()
-        self.timesteps = row_time_grids(self.steps_per_block, self.time_grid)
+        self.timesteps = warp_times(row_time_grids(self.steps_per_block, self.time_grid), self.time_warp)
         alphas = schedule.alpha(self.timesteps).double()
         self.alphas = torch.where(self.timesteps == 1.0, 0.0, torch.where(self.timesteps == 0.0, 1.0, alphas))
 
@@ -396,6 +435,73 @@ class AncestralStrategy(SamplerStrategy):
         return self.reveal(state, tokens, revealed)
 
 
+class PredictorCorrectorStrategy(AncestralStrategy):
+    """The ancestral sampler with the MDM-Prime image sampler's corrector (images.md; the "divergence-free" term of
+    flow_matching's discrete Euler solver). Approximate for a finite number of steps, like the reference.
+
+    With ``ρ(t) = a · τ^e (1 - τ)^e`` at the reference time τ = 1 - t, one step t -> s reveals each masked digit with
+    probability ``min(1, (1 + ρ) (α_s - α_t) / (1 - α_t))`` and re-masks each digit the row generated and had
+    revealed before this step with probability ``min(1, ρ (α_s - α_t) / α_s)``: extra forward and backward
+    moves at rates that leave the forward process's marginals unchanged to first order, so early mistakes can be
+    undone. A block's last step reveals everything and re-masks nothing; fixed digits (prompts, imputation) are
+    never re-masked. The re-mask coin of a revealed digit is its (otherwise unused) reveal-coin uniform.
+
+    Args:
+        rate, exponent: a and e (the paper's CIFAR-10 setting is 16, 2).
+    """
+
+    name = "predictor_corrector"
+
+    def __init__(
+        self,
+        rate: float,
+        exponent: float,
+        time_grid: str = "uniform",
+        float64: bool = True,
+        time_warp: tuple[float, float, float] | None = None,
+    ):
+        super().__init__(time_grid, float64, time_warp)
+        if not (_is_real(rate) and rate >= 0 and _is_real(exponent) and exponent >= 0):
+            raise ValueError(f"corrector (rate, exponent) must be non-negative numbers, got ({rate!r}, {exponent!r}).")
+        self.rate, self.exponent = float(rate), float(exponent)
+
+    def _alphas(self, step):
+        last = self.alphas.shape[1] - 1
+        alpha_t = self.alphas.gather(1, step.clamp(max=last).unsqueeze(1)).squeeze(1)
+        alpha_s = self.alphas.gather(1, (step + 1).clamp(max=last).unsqueeze(1)).squeeze(1)
+        return alpha_t, alpha_s
+
+    def _rho(self, step):
+        t, _ = self.times(step)
+        tau = 1.0 - t
+        return self.rate * (tau * (1.0 - tau)) ** self.exponent
+
+    def reveal_probability(self, step):
+        p = super().reveal_probability(step)
+        last = step + 1 >= self.steps_per_block
+        return torch.where(last, p, ((1.0 + self._rho(step)) * p).clamp(max=1.0))
+
+    def _remask(self, state: SamplerStepInput) -> torch.Tensor:
+        """``(B, L, ℓ)`` the generated digits revealed before this step that this step masks again."""
+        alpha_t, alpha_s = self._alphas(state.step)
+        p = (self._rho(state.step) * (alpha_s - alpha_t) / alpha_s.clamp(min=1e-12)).clamp(0.0, 1.0)
+        p = torch.where(state.step + 1 >= self.steps_per_block, torch.zeros_like(p), p)
+        was_revealed = state.block & ~state.updatable
+        return was_revealed & (state.uniform[..., 1:] < p.view(-1, 1, 1))
+
+    def plan(self, state):
+        # A step that only re-masks must still run (with or without the idle cache, so that both give the same
+        # samples): its positions are planned too, although their scores are not used.
+        return super().plan(state) | self._remask(state).any(-1)
+
+    def step(self, scores, scored, state):
+        revealed = self._coins(state)
+        tokens, _ = self.draw(scores, scored, state, where=revealed.any(-1))
+        out = self.reveal(state, tokens, revealed)
+        remask = self._remask(state)
+        return SamplerStepOutput(out.sub_ids.masked_fill(remask, self.codec.mask_id), out.revealed)
+
+
 class ConfidenceStrategy(SamplerStrategy):
     """Confidence-ordered unmasking (MaskGIT, LLaDA's low-confidence remasking, Dream's ``maskgit_plus`` /
     ``topk_margin`` / ``entropy``), at the sub-token level. Approximate: the revealed set depends on the scores.
@@ -411,8 +517,14 @@ class ConfidenceStrategy(SamplerStrategy):
 
     name = "confidence"
 
-    def __init__(self, measure: str = "probability", time_grid: str = "uniform", float64: bool = True):
-        super().__init__(time_grid, float64)
+    def __init__(
+        self,
+        measure: str = "probability",
+        time_grid: str = "uniform",
+        float64: bool = True,
+        time_warp: tuple[float, float, float] | None = None,
+    ):
+        super().__init__(time_grid, float64, time_warp)
         if measure not in CONFIDENCE_MEASURES:
             raise ValueError(f"confidence measure must be one of {CONFIDENCE_MEASURES}, got {measure!r}.")
         self.measure = measure
@@ -556,7 +668,14 @@ class StateDependentStrategy(SamplerStrategy):
 
 
 STRATEGIES = {
-    cls.name: cls for cls in (AncestralStrategy, ConfidenceStrategy, ThresholdStrategy, StateDependentStrategy)
+    cls.name: cls
+    for cls in (
+        AncestralStrategy,
+        ConfidenceStrategy,
+        ThresholdStrategy,
+        StateDependentStrategy,
+        PredictorCorrectorStrategy,
+    )
 }
 
 
@@ -567,15 +686,28 @@ def get_sampler_strategy(
     float64: bool = True,
     confidence_measure: str = "probability",
     threshold: float = 0.9,
+    time_warp: tuple[float, float, float] | None = None,
+    corrector: tuple[float, float] | None = None,
 ) -> SamplerStrategy:
-    """Build a shipped strategy by name (``ancestral``, ``confidence``, ``threshold``, ``state_dependent``) from
-    generation settings."""
+    """Build a shipped strategy by name (``ancestral``, ``confidence``, ``threshold``, ``state_dependent``,
+    ``predictor_corrector``) from generation settings. ``corrector`` (a, e) turns ``ancestral`` into
+    :class:`PredictorCorrectorStrategy`; ``time_warp`` (a, e, c) warps the time grid (:func:`warp_times`)."""
+    if corrector is not None and name not in ("ancestral", "predictor_corrector"):
+        raise ValueError(f"corrector applies to the ancestral sampler, not to strategy={name!r}.")
+    if name == "predictor_corrector" and corrector is None:
+        raise ValueError("strategy='predictor_corrector' needs corrector=(rate, exponent), e.g. (16, 2).")
+    if time_warp is not None and name in ("threshold", "state_dependent") and check_time_warp(time_warp):
+        raise ValueError(f"time_warp applies to the time-grid strategies, not to strategy={name!r}.")
     if name == "state_dependent":
         return StateDependentStrategy(time_grid, float64)
+    if corrector is not None:
+        if not isinstance(corrector, (list, tuple)) or len(corrector) != 2:
+            raise ValueError(f"corrector must be (rate, exponent) or None, got {corrector!r}.")
+        return PredictorCorrectorStrategy(corrector[0], corrector[1], time_grid, float64, time_warp)
     if name == "ancestral":
-        return AncestralStrategy(time_grid, float64)
+        return AncestralStrategy(time_grid, float64, time_warp)
     if name == "confidence":
-        return ConfidenceStrategy(confidence_measure, time_grid, float64)
+        return ConfidenceStrategy(confidence_measure, time_grid, float64, time_warp)
     if name == "threshold":
         return ThresholdStrategy(threshold, confidence_measure, float64)
     raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)} or a SamplerStrategy.")
@@ -584,6 +716,7 @@ def get_sampler_strategy(
 __all__ = [
     "AncestralStrategy",
     "ConfidenceStrategy",
+    "PredictorCorrectorStrategy",
     "SamplerStepInput",
     "SamplerStepOutput",
     "SamplerStrategy",
@@ -599,4 +732,5 @@ __all__ = [
     "sample_categorical",
     "stream_keys",
     "time_grid",
+    "warp_times",
 ]
