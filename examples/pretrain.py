@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_scheduler
+from transformers import get_scheduler
 
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion, make_tokenizer_portable, training
 from modeling_mdm_prime.data import (  # noqa: F401 - re-exported for scripts that import them from here
@@ -232,12 +232,7 @@ def evaluate(accelerator: Accelerator, model, blocks: dict, cfg: PretrainConfig)
 
 def parse_config(argv: list[str]) -> PretrainConfig:
     """Command-line flags, or a single JSON / YAML file holding them."""
-    parser = HfArgumentParser(PretrainConfig, description=__doc__.split("\n")[0])
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        (cfg,) = load(argv[0])
-    else:
-        (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    cfg = training.parse_settings(PretrainConfig, argv, __doc__.split("\n")[0])
     if cfg.noise_schedule == "learnable_polynomial":
         # GenMD4 is defined for whole tokens, and its posterior depends on t (the config refuses anything else).
         for name, value in (("num_sub_tokens", 1), ("time_conditioning", True)):

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_scheduler
+from transformers import get_scheduler
 
 from modeling_mdm_prime import MDMPrimeForImageDiffusion, MDMPrimeImageConfig, training
 from modeling_mdm_prime.image_data import (
@@ -193,17 +193,6 @@ def evaluate(accelerator: Accelerator, model, images: torch.Tensor, labels: torc
     return {"val/bpd": float(bpd.mean()), "val/bpd_stderr": float(bpd.std() / math.sqrt(len(bpd)))}
 
 
-def parse_config(argv: list[str]) -> ImageTrainConfig:
-    """Command-line flags, or a single JSON / YAML file holding them."""
-    parser = HfArgumentParser(ImageTrainConfig, description=__doc__.split("\n")[0])
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        (cfg,) = load(argv[0])
-    else:
-        (cfg,) = parser.parse_args_into_dataclasses(args=argv)
-    return cfg
-
-
 def train(accelerator, cfg, model, optimizer, scheduler, loader, ema, held_out, step: int) -> int:
     """Optimizer steps from ``step`` until max_steps (or stop_after_steps); returns the last step."""
     eval_model = accelerator.unwrap_model(model)
@@ -285,7 +274,8 @@ def save_final(accelerator: Accelerator, cfg, model, ema, held_out) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    # Command-line flags, or one JSON / YAML file holding them.
+    cfg = training.parse_settings(ImageTrainConfig, sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     checkpoint = training.find_checkpoint(cfg)
     accelerator = training.make_accelerator(cfg, "train_images")

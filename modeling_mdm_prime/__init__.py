@@ -58,6 +58,7 @@ from .modeling_mdm_prime import (
 from .sampling_mdm_prime import (
     AncestralStrategy,
     ConfidenceStrategy,
+    PredictorCorrectorStrategy,
     SamplerStepInput,
     SamplerStepOutput,
     SamplerStrategy,
@@ -71,6 +72,7 @@ from .sampling_mdm_prime import (
     sample_categorical,
     stream_keys,
     time_grid,
+    warp_times,
 )
 from .schedules_mdm_prime import (
     CosineSchedule,
@@ -95,6 +97,7 @@ AutoModel.register(MDMPrimeImageConfig, MDMPrimeForImageDiffusion, exist_ok=True
 __all__ = [
     "AncestralStrategy",
     "ConfidenceStrategy",
+    "PredictorCorrectorStrategy",
     "MDMPrimeGenerateOutput",
     "MDMPrimeGenerationConfig",
     "MDMPrimeGenerationMixin",
@@ -112,6 +115,7 @@ __all__ = [
     "sample_categorical",
     "stream_keys",
     "time_grid",
+    "warp_times",
     "CosineSchedule",
     "GeometricSchedule",
     "HubPublishError",

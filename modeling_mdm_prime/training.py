@@ -32,6 +32,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_ob
 from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file
+from transformers import HfArgumentParser
 
 logger = get_logger(__name__)
 STATE_FILE, EMA_FILE = "trainer_state.json", "ema.safetensors"  # the script's own state: JSON and safetensors
@@ -42,6 +43,18 @@ NEUTRAL_SETTINGS = frozenset({
     "output_dir", "resume_from_checkpoint", "stop_after_steps", "report_to", "log_every", "eval_every",
     "checkpoint_every", "keep_checkpoints", "allow_inexact_resume", "allow_changed_settings", "overwrite_output_dir",
 })  # fmt: skip
+
+
+def parse_settings(config_class: type, argv: list[str], description: str | None = None) -> Any:
+    """A run's settings (an instance of the dataclass ``config_class``) from command-line flags, or from a single
+    JSON / YAML file holding them."""
+    parser = HfArgumentParser(config_class, description=description)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        (cfg,) = load(argv[0])
+    else:
+        (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    return cfg
 
 
 # -- logging ---------------------------------------------------------------------------------------------------------
@@ -408,7 +421,7 @@ def make_accelerator(cfg, run_name: str) -> Accelerator:
     PartialState(cpu=cfg.cpu)
     trackers = [JSONLTracker(run_name=run_name, logging_dir=str(Path(cfg.output_dir) / "logs"))]
     trackers += [name for name in filter(None, cfg.report_to.split(",")) if name != "jsonl"]
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cfg.cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -416,3 +429,14 @@ def make_accelerator(cfg, run_name: str) -> Accelerator:
         project_dir=cfg.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    # accelerate silently runs an FSDP launch as DDP (or one process) where FSDP cannot run, e.g. on CPU; a user who
+    # asked for sharded training must not get unsharded training and checkpoints without being told.
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and (
+        accelerator.distributed_type != DistributedType.FSDP
+    ):
+        raise ValueError(
+            f"this launch asks for FSDP, but accelerate runs it as {accelerator.distributed_type.value} on "
+            f"{accelerator.device} (FSDP needs GPUs). Launch with a DDP config (e.g. "
+            "examples/accelerate_configs/cpu_ddp.yaml) instead."
+        )
+    return accelerator

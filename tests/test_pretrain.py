@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_remote_code import tf4_python
+from transformers import HfArgumentParser
 
 from conftest import GPT2_TOKENIZER
 from modeling_mdm_prime import data
@@ -126,7 +127,7 @@ def single_run(tmp_path_factory) -> Path:
 
 
 def test_help_describes_every_flag_with_its_default():
-    parser = pretrain.HfArgumentParser(pretrain.PretrainConfig)
+    parser = HfArgumentParser(pretrain.PretrainConfig)
     text = parser.format_help()
     formatter = parser._get_formatter()
     names = {f.name for f in dataclasses.fields(pretrain.PretrainConfig)}
@@ -330,3 +331,23 @@ def test_killed_run_leaves_loadable_checkpoints_and_resumes(tmp_path):
     assert pretrain.checkpoint_dirs(out)[-1].name == f"checkpoint-{last + 2}"
     assert sorted(logged(out)) == list(range(1, last + 3))  # steps logged after the checkpoint: not twice
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_an_fsdp_launch_that_cannot_shard_is_refused(tmp_path):
+    """On a machine without GPUs accelerate runs the shipped FSDP config without FSDP and without a word (every
+    process alone: DistributedType.NO); the script refuses instead, so nobody believes they trained (and
+    checkpointed) a sharded model. (``accelerate launch --cpu`` drops the FSDP settings before the script starts,
+    so there the user's --cpu decides.)"""
+    if torch.cuda.is_available():
+        pytest.skip("FSDP can run here: tests/test_fsdp.py covers it")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "examples" / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(free_port()),
+        str(SCRIPT), *TINY, "--max_steps", "2", "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert "asks for FSDP, but accelerate runs it as" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "checkpoints").exists()
