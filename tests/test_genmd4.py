@@ -493,3 +493,15 @@ def test_benchmark_smoke(tmp_path):
     assert results["rows"][2]["sequence_evaluations"] == results["rows"][1]["sequence_evaluations"]
     assert all(r["nelbo_stderr"] > 0 and math.isfinite(r["ppl_bound"]) for r in results["rows"])
     assert (tmp_path / "genmd4_tiny.json").exists() and (tmp_path / "genmd4_tiny_powers.png").stat().st_size > 1000
+
+
+def test_genmd4_sampler_keeps_the_time_warp_and_refuses_the_corrector():
+    """The image sampler's knobs on a GenMD4 model: the time warp carries over to the state-dependent sampler (so it
+    changes the samples), and the corrector, derived for fixed schedules, is refused."""
+    torch.manual_seed(0)
+    model = MDMPrimeForMaskedDiffusion(genmd4_config(vocab=12)).eval()
+    base = dict(max_new_tokens=6, num_steps=6, seed=0, num_return_sequences=8)
+    plain, warped = model.generate(**base), model.generate(**base, time_warp=(1.0, 3.0, 0.0))
+    assert not torch.equal(plain, warped)
+    with pytest.raises(ValueError, match="corrector is defined for fixed schedules"):
+        model.generate(**base, corrector=(16, 2))

@@ -30,6 +30,7 @@ from .sampling_mdm_prime import (
     STRATEGIES,
     TIME_GRIDS,
     AncestralStrategy,
+    PredictorCorrectorStrategy,
     SamplerStepInput,
     SamplerStrategy,
     StateDependentStrategy,
@@ -788,7 +789,12 @@ class MDMPrimeGenerationMixin:
             )
         if getattr(self, "state_dependent", False) and type(strategy) is AncestralStrategy:
             # GenMD4 (learnable_polynomial): the exact ancestral sampler of a state-dependent schedule.
-            strategy = StateDependentStrategy(strategy.time_grid, strategy.float64)
+            strategy = StateDependentStrategy(strategy.time_grid, strategy.float64, strategy.time_warp)
+        elif getattr(self, "state_dependent", False) and isinstance(strategy, PredictorCorrectorStrategy):
+            raise ValueError(
+                "corrector is defined for fixed schedules; this GenMD4 model's schedule is state dependent (its "
+                "re-masking rates would need their own derivation). Unset corrector."
+            )
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
 
