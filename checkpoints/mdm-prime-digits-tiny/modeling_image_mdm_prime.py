@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput
 
 from .codec_mdm_prime import SubTokenCodec
 from .configuration_mdm_prime import MDMPrimeImageConfig
@@ -41,8 +41,6 @@ from .modeling_mdm_prime import (
 from .sampling_mdm_prime import SamplerStrategy  # noqa: F401
 from .schedules_mdm_prime import sample_times
 from .unet_mdm_prime import MDMPrimeUNet, init_unet_weights
-
-logger = logging.get_logger(__name__)
 
 
 @dataclass

@@ -368,19 +368,23 @@ class SamplerStrategy:
         s = self.timesteps.gather(1, (step + 1).clamp(max=last).unsqueeze(1)).squeeze(1)
         return t, s
 
-    def reveal_probability(self, step: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` float64 ``(α_s - α_t) / (1 - α_t)``: the probability that a masked element is revealed by
-        each row's current step; exactly 1 on a block's last step."""
+    def step_alphas(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B,)`` float64 α_t (now) and α_s (after the step) of each row's current step."""
         last = self.alphas.shape[1] - 1
         alpha_t = self.alphas.gather(1, step.clamp(max=last).unsqueeze(1)).squeeze(1)
         alpha_s = self.alphas.gather(1, (step + 1).clamp(max=last).unsqueeze(1)).squeeze(1)
+        return alpha_t, alpha_s
+
+    def reveal_probability(self, step: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` float64 ``(α_s - α_t) / (1 - α_t)``: the probability that a masked element is revealed by
+        each row's current step; exactly 1 on a block's last step."""
+        alpha_t, alpha_s = self.step_alphas(step)
         p = ((alpha_s - alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
         return torch.where(step + 1 >= self.steps_per_block, torch.ones_like(p), p)
 
     def noise_level(self, state: SamplerStepInput) -> torch.Tensor:
         """``(B,)`` the masking probability ``1 - α_t`` of each row now (for time-conditioned networks)."""
-        last = self.alphas.shape[1] - 1
-        return 1.0 - self.alphas.gather(1, state.step.clamp(max=last).unsqueeze(1)).squeeze(1)
+        return 1.0 - self.step_alphas(state.step)[0]
 
     def plan(self, state: SamplerStepInput) -> torch.Tensor:
         """``(B, L)`` bool: positions whose scores this step needs, decided without the model."""
@@ -465,12 +469,6 @@ class PredictorCorrectorStrategy(AncestralStrategy):
             raise ValueError(f"corrector (rate, exponent) must be non-negative numbers, got ({rate!r}, {exponent!r}).")
         self.rate, self.exponent = float(rate), float(exponent)
 
-    def _alphas(self, step):
-        last = self.alphas.shape[1] - 1
-        alpha_t = self.alphas.gather(1, step.clamp(max=last).unsqueeze(1)).squeeze(1)
-        alpha_s = self.alphas.gather(1, (step + 1).clamp(max=last).unsqueeze(1)).squeeze(1)
-        return alpha_t, alpha_s
-
     def _rho(self, step):
         t, _ = self.times(step)
         tau = 1.0 - t
@@ -483,7 +481,7 @@ class PredictorCorrectorStrategy(AncestralStrategy):
 
     def _remask(self, state: SamplerStepInput) -> torch.Tensor:
         """``(B, L, ℓ)`` the generated digits revealed before this step that this step masks again."""
-        alpha_t, alpha_s = self._alphas(state.step)
+        alpha_t, alpha_s = self.step_alphas(state.step)
         p = (self._rho(state.step) * (alpha_s - alpha_t) / alpha_s.clamp(min=1e-12)).clamp(0.0, 1.0)
         p = torch.where(state.step + 1 >= self.steps_per_block, torch.zeros_like(p), p)
         was_revealed = state.block & ~state.updatable
