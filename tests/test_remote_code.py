@@ -59,6 +59,14 @@ for auto in (AutoModel, AutoModelForMaskedLM):
         .loss.reshape(1),
     }
     save_file(outputs, f"{work}/{auto.__name__}.safetensors")
+# transformers' attention interface: eager attention from from_pretrained, and switched at runtime.
+eager = AutoModel.from_pretrained(path, trust_remote_code=True, attn_implementation="eager").eval()
+attention = {"eager": eager.denoise(inputs["sub_ids"], attention_mask=inputs["mask"])}
+report["attn_implementation"] = [model.config._attn_implementation, eager.config._attn_implementation]
+model.set_attn_implementation("eager")
+attention["switched"] = model.denoise(inputs["sub_ids"], attention_mask=inputs["mask"])
+report["attn_implementation"].append(model.config._attn_implementation)
+save_file(attention, f"{work}/attention.safetensors")
 print(json.dumps(report))
 """
 
@@ -150,6 +158,10 @@ def test_remote_code_loads_in_fresh_process(saved, python, version):
         assert torch.allclose(outputs["log_probs"], expected["log_probs"], atol=1e-6, equal_nan=True)
         assert torch.allclose(outputs["loss"], expected["loss"], atol=1e-6)
         assert torch.equal(outputs["generated"], expected["generated"])
+    assert report["attn_implementation"] == ["sdpa", "eager", "eager"]
+    real = load_file(str(root / "inputs.safetensors"))["mask"].bool()
+    for log_probs in load_file(str(root / "attention.safetensors")).values():
+        assert torch.allclose(log_probs[real], expected["log_probs"][real], atol=1e-5, equal_nan=True)
 
 
 def test_auto_classes_in_process(saved):
