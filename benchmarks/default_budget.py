@@ -180,9 +180,11 @@ def summarise(results: dict) -> None:
 
 def render_markdown(results: dict) -> str:
     lines = [
-        f"Training budget {results['budget']:.0f} s per candidate on {results['machine']}; common evaluation: "
-        f"{results['eval_blocks']} held-out blocks × {results['time_samples']} time samples (valid bound, EMA "
-        "weights as saved). Δ is paired against the first row over the same blocks (negative = better).",
+        f"Training budget {results['budget']:.0f} s per candidate unless its flags fix the steps ('train s' is what "
+        f"each run took) on {results['machine']}; common evaluation: {results['eval_blocks']} held-out blocks × "
+        f"{results['time_samples']} time samples (valid bound, EMA weights as saved). Δ is paired against the first "
+        "row over the same blocks (negative = better); its ± is the evaluation's Monte-Carlo error only, not the "
+        "run-to-run spread of training.",
         "",
         "| candidate | params | s/step | steps | train s | valid-bound ppl | Δ nats/token vs first "
         "| script's own ppl |",
@@ -207,17 +209,25 @@ def plot(results: dict, path: Path) -> None:
 
     runs = results["runs"]
     names = list(runs)
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2))
     y = range(len(names))
     ax.errorbar([runs[n]["ppl_bound"] for n in names], list(y),
                 xerr=[runs[n]["ppl_bound"] * runs[n]["nelbo_se"] for n in names], fmt="o", capsize=3)  # fmt: skip
     ax.axvline(runs[names[0]]["ppl_bound"], color="grey", lw=0.8, ls="--")
     ax.set_yticks(list(y), names)
     ax.invert_yaxis()
-    ax.set_xlabel(f"held-out valid-bound perplexity after {results['budget']:.0f} s of training (lower is better)")
+    ax.set_xlabel("held-out valid-bound perplexity (lower is better; ± 1 s.e. over blocks)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def rerender(path: Path) -> None:
+    """Rewrite the table and plot of a results JSON (e.g. after changing the rendering)."""
+    results = json.loads(path.read_text())
+    summarise(results)
+    path.with_suffix(".md").write_text(render_markdown(results))
+    plot(results, path.with_suffix(".png"))
 
 
 def main(argv=None) -> dict:

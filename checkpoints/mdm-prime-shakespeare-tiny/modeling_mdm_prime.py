@@ -1,10 +1,11 @@
 """MDM-Prime / MD4 masked diffusion language model for transformers.
 
 The backbone is a bidirectional pre-LayerNorm transformer with rotary position embeddings, attention through
-``torch.nn.functional.scaled_dot_product_attention`` and optional adaLN time conditioning. Its parameter
-layout follows MDLM's DiT (``blocks`` ~ ``layers``, ``attn_qkv``, ``attn_out``, ``mlp``, ``adaLN_modulation``,
-``norm_final``) so that MDLM / MDM-Prime checkpoints can be converted by renaming keys (a time-independent
-DiT's constant adaLN modulation folds into the LayerNorm affine and the output projections).
+transformers' attention interface (``attn_implementation``: ``sdpa`` by default, ``eager``, or a registered kernel)
+and optional adaLN time conditioning. Its parameter layout follows MDLM's DiT (``blocks`` ~ ``layers``,
+``attn_qkv``, ``attn_out``, ``mlp``, ``adaLN_modulation``, ``norm_final``) so that MDLM / MDM-Prime checkpoints can
+be converted by renaming keys (a time-independent DiT's constant adaLN modulation folds into the LayerNorm affine
+and the output projections).
 
 Input: ℓ sub-tokens per position, embedded with one shared (b+1)-row table of width D/ℓ and concatenated
 (method.md §3.3), so the transformer runs over L positions whatever ℓ is. Output: logits over the C real
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .codec_mdm_prime import SubTokenCodec
@@ -150,23 +152,76 @@ class MDMPrimeTimestepEmbedding(nn.Module):
         return F.silu(self.mlp(features))
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q kᵀ · scaling + mask) v`` in plain torch (``attn_implementation="eager"``).
+
+    Args:
+        query, key, value: ``(B, H, L, head_dim)``.
+        attention_mask: ``(B, 1, 1 or L, L)`` bool (True = may attend) or additive float mask, or None.
+    Returns:
+        ``(B, L, H, head_dim)`` outputs and the ``(B, H, L, L)`` attention weights (the interface's layout).
+    """
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    # The softmax in float32 also under autocast, as transformers' own eager attention does.
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class MDMPrimeAttention(nn.Module):
+    """Bidirectional multi-head self-attention with RoPE, through transformers' attention interface: ``sdpa`` (the
+    default), ``eager``, or any function registered with ``transformers.AttentionInterface``. Such a function gets
+    ``(B, H, L, head_dim)`` queries, keys and values, the ``(B, 1, 1, L)`` bool key-padding mask (True = may attend;
+    None when nothing is padded) and ``is_causal=False``, and returns ``(B, L, H, head_dim)``."""
+
+    is_causal = False  # read by transformers' sdpa_attention_forward: bidirectional, never the causal mask
+
     def __init__(self, config: MDMPrimeConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_dropout
         self.attn_qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.attn_out = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def attention_function(self):
+        """The configured implementation, looked up on every call so that ``model.set_attn_implementation`` applies.
+        A module built outside a model (no implementation set yet) uses ``sdpa``."""
+        implementation = self.config._attn_implementation or "sdpa"
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers 5
+            return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if implementation == "eager":
+            return eager_attention_forward
+        if self.config._attn_implementation is None:
+            return ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]  # transformers 4.57
 
     def forward(self, x, cos, sin, attn_mask):
         batch, length, width = x.shape
         q, k, v = self.attn_qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.attn_out(out.transpose(1, 2).reshape(batch, length, width))
+        out, _ = self.attention_function()(
+            self, q, k, v, attn_mask, dropout=self.dropout if self.training else 0.0, scaling=self.scaling,
+            is_causal=False,
+        )  # fmt: skip
+        return self.attn_out(out.reshape(batch, length, width))
 
 
 class MDMPrimeMLP(nn.Module):
@@ -227,6 +282,8 @@ class MDMPrimePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MDMPrimeBlock"]
     _supports_sdpa = True
+    # attn_implementation: "sdpa", "eager" or a function registered with transformers.AttentionInterface (see
+    # MDMPrimeAttention). Flash and flex attention expect other mask formats; transformers refuses them by name.
 
     def _init_weights(self, module):
         std = self.config.initializer_range
