@@ -5,7 +5,8 @@ Every candidate is a set of ``pretrain.py`` flags on top of the script's default
 1. times the training step in this process (the mean of 30 steps after 3 warm-up steps: the real model, AdamW, EMA
    and training batches) and sets ``max_steps = budget / step time`` (unless the candidate's flags fix ``max_steps``),
    so that every candidate trains for about the same wall time and its learning-rate schedule ends where its budget
-   does; the table reports the training seconds each run actually took;
+   does (runs under 1,000 steps warm up for a tenth of their steps instead of the default 100, the same fraction for
+   every candidate); the table reports the training seconds each run actually took;
 2. runs ``examples/pretrain.py`` with those flags in a subprocess (the real script: data, loader, EMA, schedule,
    ``final/``), evaluating and checkpointing only at the end, and reads the training seconds it logged;
 3. scores the saved ``final/`` (the EMA weights, as a user gets them) with one evaluation common to all candidates:
@@ -18,7 +19,8 @@ Writes ``<output-dir>/default_budget.{json,md,png}`` and prints the markdown tab
 candidate: ``benchmarks/scale.py`` measured a compiled backbone at 0.59-0.69x of eager on this kind of CPU.
 
     python benchmarks/default_budget.py --budget 180                      # the screen (~4 min per candidate)
-    python benchmarks/default_budget.py --budget 330 --candidates default,combined
+    python benchmarks/default_budget.py --candidates "" --tag default_budget_confirm --extra \
+        '{"old default": {"max_steps": 1500}, "2 layers": {"num_hidden_layers": 2, "max_steps": 2300}}'
     python benchmarks/default_budget.py --tiny                            # a seconds-long smoke run
 """
 
@@ -34,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModel, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
@@ -119,7 +122,7 @@ def run_pretrain(flags: dict[str, object], max_steps: int, output_dir: Path) -> 
     argv = as_argv({**flags, "max_steps": max_steps, "eval_every": max_steps, "checkpoint_every": max_steps,
                     "keep_checkpoints": 1, "num_samples": 1, "sample_tokens": 16, "report_to": "jsonl",
                     "output_dir": output_dir, "overwrite_output_dir": True})  # fmt: skip
-    if max_steps < 1000:  # short smoke runs: keep the warm-up a tenth of the run
+    if max_steps < 1000:  # short runs (the screen): warm up for the same tenth of every candidate's run
         argv.append(f"--warmup_steps={min(100, max_steps // 10)}")
     start = time.time()
     subprocess.run([sys.executable, str(REPO / "examples" / "pretrain.py"), *argv], check=True, cwd=REPO)
@@ -134,12 +137,8 @@ def run_pretrain(flags: dict[str, object], max_steps: int, output_dir: Path) -> 
 def common_evaluation(flags: dict[str, object], final: Path, a: argparse.Namespace) -> dict:
     """Per-block valid-bound NELBO (nats) and token counts of ``final/`` on the first ``eval_blocks`` held-out
     blocks, with seeds that depend on the block only."""
-    from transformers import AutoModel
-
     cfg = parse_config(as_argv(flags))
-    train_docs, val_docs = load_corpus(cfg)
-    from transformers import AutoTokenizer
-
+    _, val_docs = load_corpus(cfg)
     tokenizer = AutoTokenizer.from_pretrained(final)
     blocks = tokenize_blocks(val_docs, tokenizer, cfg)
     blocks = blocks.select(range(min(a.eval_blocks, len(blocks))))
