@@ -211,7 +211,8 @@ class MDMPrimeAttention(nn.Module):
             return eager_attention_forward
         if self.config._attn_implementation is None:
             return ALL_ATTENTION_FUNCTIONS["sdpa"]
-        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]  # transformers 4.57
+        # transformers 4.57: its set_attn_implementation looks for this exact expression in the modeling source.
+        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
 
     def forward(self, x, cos, sin, attn_mask):
         batch, length, width = x.shape
