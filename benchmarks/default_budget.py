@@ -72,7 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra", default=None, help='JSON {"name": {flag: value}} of further candidates')
     p.add_argument("--eval-blocks", type=int, default=512, help="held-out blocks in the common evaluation")
     p.add_argument("--time-samples", type=int, default=2, help="time samples per held-out block")
-    p.add_argument("--output-dir", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument(
+        "--output-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON, table and plots go"
+    )
     p.add_argument("--run-dir", type=Path, default=Path("outputs/default_budget"), help="the runs' output_dirs")
     p.add_argument("--tag", default="default_budget", help="file name of the results")
     p.add_argument("--tiny", action="store_true", help="smoke configuration: seconds, not minutes")

@@ -47,10 +47,10 @@ ELLS = (1, 2, 4)
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab-size", type=int, default=50257)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=50257, help="vocabulary C (GPT-2: 50,257)")
+    p.add_argument("--hidden-size", type=int, default=128, help="transformer width")
+    p.add_argument("--num-layers", type=int, default=2, help="transformer blocks")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
     p.add_argument("--intermediate-size", type=int, default=None, help="default: 4 × hidden size")
     p.add_argument("--seq-len", type=int, default=64, help="L, generated tokens per sequence")
     p.add_argument("--batch-size", type=int, default=4, help="B of parts 1 and 3")
@@ -59,8 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--forward-repeats", type=int, default=3, help="timed denoise calls per ℓ per round")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, default=Path("benchmarks/results/generation.json"))
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and generation")
+    p.add_argument("--output", type=Path, default=Path("benchmarks/results/generation.json"), help="results JSON")
     return p.parse_args()
 
 

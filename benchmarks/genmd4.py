@@ -44,6 +44,19 @@ from pretrain import (  # noqa: E402
 
 FULL = dict(hidden=128, layers=4, heads=4, seq_len=128, bpe_vocab=1024, batch=16, steps=500, lr=2e-3,
             eval_blocks=64, time_samples=8, max_documents=None)  # fmt: skip
+HELP = {
+    "hidden": "transformer width",
+    "layers": "transformer blocks",
+    "heads": "attention heads",
+    "seq_len": "tokens per block",
+    "bpe_vocab": "BPE vocabulary size trained on the corpus",
+    "batch": "sequences per step",
+    "steps": "training steps per model",
+    "lr": "peak AdamW learning rate",
+    "eval_blocks": "held-out blocks scored",
+    "time_samples": "Monte-Carlo draws of the bound per block",
+    "max_documents": "use only the first N documents of the corpus (None: all)",
+}
 TINY = dict(hidden=32, layers=1, heads=2, seq_len=32, bpe_vocab=300, batch=4, steps=4, lr=2e-3, eval_blocks=4,
             time_samples=2, max_documents=6)  # fmt: skip
 
@@ -51,10 +64,17 @@ TINY = dict(hidden=32, layers=1, heads=2, seq_len=32, bpe_vocab=300, batch=4, st
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="smoke-test configuration")
-    p.add_argument("--output-dir", type=Path, default=REPO / "benchmarks" / "results")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--output-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON, table and plots go"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")
     for key, value in FULL.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(value) if value is not None else int, default=None)
+        p.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=type(value) if value is not None else int,
+            default=None,
+            help=f"{HELP[key]} (default {value}; --tiny: {TINY[key]})",
+        )
     args = p.parse_args(argv)
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key) is None:

@@ -121,12 +121,21 @@ def render_markdown(results: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "mdm-prime-shakespeare-tiny")
-    p.add_argument("--mc-samples", type=int, nargs="+", default=[8, 32])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--output-dir", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=REPO / "checkpoints" / "mdm-prime-shakespeare-tiny",
+        help="model to evaluate",
+    )
+    p.add_argument(
+        "--mc-samples", type=int, nargs="+", default=[8, 32], help="Monte-Carlo draws per scored window to compare"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass, prompts per generate()")
+    p.add_argument("--seed", type=int, default=1234, help="base seed of the adapter")
+    p.add_argument("--tiny", action="store_true", help="smoke-test configuration (few requests)")
+    p.add_argument(
+        "--output-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON, table and plots go"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ks = [2] if args.tiny else args.mc_samples

@@ -44,6 +44,25 @@ FULL = dict(
     steps=1000, lr=2e-3, eval_blocks=64, time_samples=8, samples=16, sweep="16,32,64,128", isr_length=1024,
     isr_ells="1,2,3,4,6,8", isr_samples=4, max_documents=None,
 )  # fmt: skip
+HELP = {
+    "hidden": "transformer width",
+    "layers": "transformer blocks",
+    "heads": "attention heads",
+    "seq_len": "tokens per block",
+    "bpe_vocab": "BPE vocabulary size trained on the corpus",
+    "batch": "sequences per step",
+    "steps": "training steps per model",
+    "lr": "peak AdamW learning rate",
+    "eval_blocks": "held-out blocks scored",
+    "time_samples": "Monte-Carlo draws of the bound per block",
+    "max_documents": "use only the first N documents of the corpus (None: all)",
+    "models": "comma-separated models to train: ar, mdm, prime2, prime4, ...",
+    "samples": "generated samples per model",
+    "sweep": "comma-separated numbers of sampler steps for the quality sweep",
+    "isr_length": "sequence length of the idle-step-ratio measurement",
+    "isr_ells": "comma-separated ℓ values of the idle-step-ratio measurement",
+    "isr_samples": "sequences per ℓ in the idle-step-ratio measurement",
+}
 TINY = dict(
     models="ar,mdm,prime2", hidden=32, layers=1, heads=2, seq_len=32, bpe_vocab=300, batch=4, steps=8, lr=2e-3,
     eval_blocks=4, time_samples=2, samples=2, sweep="8,32", isr_length=64, isr_ells="1,2", isr_samples=2,
@@ -54,10 +73,17 @@ TINY = dict(
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="smoke-test configuration")
-    p.add_argument("--output-dir", type=Path, default=REPO / "benchmarks" / "results")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--output-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON, table and plots go"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")
     for key, value in FULL.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(value) if value is not None else int, default=None)
+        p.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=type(value) if value is not None else int,
+            default=None,
+            help=f"{HELP[key]} (default {value}; --tiny: {TINY[key]})",
+        )
     args = p.parse_args(argv)
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key) is None:

@@ -42,6 +42,16 @@ REFERENCE = REPO / "checkpoints" / "mdm-prime-shakespeare-tiny"
 FULL = dict(steps="16,32,64,128", thresholds="probability:0.9,probability:0.7,probability:0.5,margin:0.8,"
             "margin:0.5,entropy:-0.3,entropy:-1.0", samples=16, scorer_steps=800, scale_layers=12, scale_hidden=768,
             scale_heads=12, scale_len=128)  # fmt: skip
+HELP = {
+    "steps": "comma-separated numbers of sampler steps (T)",
+    "thresholds": "comma-separated confidence thresholds, measure:value",
+    "samples": "generated samples per setting",
+    "scorer_steps": "training steps of the scoring model",
+    "scale_layers": "blocks of the paper-scale timing model",
+    "scale_hidden": "width of the paper-scale timing model",
+    "scale_heads": "heads of the paper-scale timing model",
+    "scale_len": "sequence length of the paper-scale timing",
+}
 TINY = dict(steps="8,16", thresholds="probability:0.7,margin:0.5", samples=2, scorer_steps=4, scale_layers=1,
             scale_hidden=64, scale_heads=2, scale_len=16)  # fmt: skip
 
@@ -49,10 +59,17 @@ TINY = dict(steps="8,16", thresholds="probability:0.7,margin:0.5", samples=2, sc
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="smoke-test configuration")
-    p.add_argument("--output-dir", type=Path, default=REPO / "benchmarks" / "results")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--output-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON, table and plots go"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")
     for key, value in FULL.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
+        p.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=type(value),
+            default=None,
+            help=f"{HELP[key]} (default {value}; --tiny: {TINY[key]})",
+        )
     args = p.parse_args(argv)
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key) is None:

@@ -81,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-steps", type=int, default=None, help="generation steps T; default 8 on CPU, 128 on CUDA")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("float32", "bf16"), default="float32", help="bf16 = autocast (for CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and inputs")
+    p.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"), help="where the JSON and table go")
     p.add_argument("--memory-cell", default=None, help=argparse.SUPPRESS)  # internal: one part-3 cell (JSON)
     return p.parse_args(argv)
 

@@ -48,20 +48,20 @@ MiB = 2**20
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--intermediate-size", type=int, default=1024)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=256, help="transformer width")
+    p.add_argument("--num-layers", type=int, default=4, help="transformer blocks")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--intermediate-size", type=int, default=1024, help="MLP width")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the rounds")
     p.add_argument("--loss-rows", type=int, default=1024, help="N, rows of the logits in the loss-memory test")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("float32", "bf16"), default="float32", help="bf16 = autocast (for CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, default=Path("benchmarks/results/train_throughput.json"))
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and inputs")
+    p.add_argument("--output", type=Path, default=Path("benchmarks/results/train_throughput.json"), help="results JSON")
     return p.parse_args()
 
 

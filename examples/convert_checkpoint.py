@@ -17,8 +17,9 @@ everything else (the OmegaConf config, the pickled tokenizer) with inert stubs, 
 ``--allow_unsafe_pickle`` uses Python's full unpickler instead, which RUNS ANY CODE THE FILE NAMES.
 
 The output is a ``save_pretrained`` folder with the GPT-2 tokenizer, ``generation_config.json``, ``conversion.json``
-and a model card; evaluate it with ``examples/evaluate_ppl.py`` and publish it with ``examples/push_to_hub.py
---card_template <output>/model_card_template.md --license <licence>``.
+and a model card with a Conversion section (rendered from ``conversion.json``, which a push publishes too);
+evaluate it with ``examples/evaluate_ppl.py`` and publish it with ``examples/push_to_hub.py <output> <repo>
+--license <licence>``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--revision", default=None, help="Hub revision of the source (pin a commit for reproducibility)"
     )
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: ../shared/data/gpt2-tokenizer)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder or Hub id (default: 'gpt2' from the Hub; offline, a local GPT-2 tokenizer folder)",
+    )
     parser.add_argument(
         "--embedding_dropout", type=float, default=0.0, help="dropout on the embedding (the source DiT has none: 0)"
     )

@@ -48,7 +48,7 @@ logger = logging.getLogger("evaluate_images")
 
 @dataclass
 class ImageEvalConfig:
-    model: str = "outputs/train_images/final"
+    model: str = field(default="outputs/train_images/final", metadata={"help": "image checkpoint folder or Hub id"})
     dataset: str | None = field(
         default=None,
         metadata={
@@ -57,24 +57,30 @@ class ImageEvalConfig:
     )
     split: str = field(default="test", metadata={"help": "held-out split for bits per dimension (datasets sets)"})
     reference_split: str = field(default="train", metadata={"help": "real images the Fréchet distance compares to"})
-    image_column: str | None = None
-    label_column: str | None = None
+    image_column: str | None = field(default=None, metadata={"help": "image column of a datasets set (default: found)"})
+    label_column: str | None = field(
+        default=None, metadata={"help": "class-label column for a class-conditional model (default: found)"}
+    )
     split_seed: int = field(default=0, metadata={"help": "seed of the digits train/test split (train_images.py: 0)"})
-    mnist_cache_dir: str | None = None
+    mnist_cache_dir: str | None = field(
+        default=None, metadata={"help": "where the MNIST download is cached (default: the image_data cache)"}
+    )
     num_eval_images: int | None = field(default=1000, metadata={"help": "held-out images scored (None: all)"})
     num_time_samples: int = field(default=16, metadata={"help": "Monte-Carlo draws of the bound per image"})
     bound_num_steps: int | None = field(default=None, metadata={"help": "None: continuous-time bound; T: T steps"})
     nfe: list[int] = field(default_factory=lambda: [8, 16, 32, 64], metadata={"help": "num_steps of each sampler"})
     num_samples: int = field(default=500, metadata={"help": "generated images per NFE"})
     num_reference: int | None = field(default=10000, metadata={"help": "reference images (None: the whole split)"})
-    guidance_scale: float = 0.0
+    guidance_scale: float = field(
+        default=0.0, metadata={"help": "classifier-free guidance w, log p_c + w (log p_c - log p_null) (0: none)"}
+    )
     generation_kwargs: str = field(default="{}", metadata={"help": "JSON of extra generate() settings"})
     real_baseline: bool = field(default=True, metadata={"help": "also score real held-out images"})
-    grid_images: int = 64
-    batch_size: int = 64
-    seed: int = 0
+    grid_images: int = field(default=64, metadata={"help": "images in each NFE's PNG grid of samples"})
+    batch_size: int = field(default=64, metadata={"help": "images per forward pass / generate() call"})
+    seed: int = field(default=0, metadata={"help": "seed of the Monte-Carlo draws and of generation"})
     output_dir: str | None = field(default=None, metadata={"help": "default: <model>/eval_images (local models)"})
-    device: str | None = None
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
 
 
 def load_data(cfg: ImageEvalConfig, config) -> dict:

@@ -41,6 +41,7 @@ from modeling_mdm_prime.data import (
     read_documents,
     tokenize_blocks,
 )
+from modeling_mdm_prime.training import end_run
 
 logger = get_logger("evaluate_ppl")
 
@@ -62,20 +63,33 @@ class Corpus:
     max_documents: int | None = None
 
 
+def _help(text: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class EvalConfig:
-    model: str = "outputs/pretrain/final"
-    suite: str | None = None  # YAML/JSON list of corpora (see examples/eval_suites/); overrides --corpus
-    corpus: list[str] = field(default_factory=list)  # name=path entries; default: the bundled held-out plays
-    seq_len: int | None = None  # default: the model's max_position_embeddings
-    num_time_samples: int = 16
-    num_steps: int | None = None  # None: continuous-time bound; T: the bound of a T-step sampler
-    batch_size: int = 8
-    max_blocks: int | None = None  # score at most this many blocks per corpus
-    seed: int = 0
-    output: str | None = None  # results JSON (default: <model>/eval_results.json if --write_results)
-    write_results: bool = False  # also write <model>/eval_results.json (read by the model card)
-    cpu: bool = False
+    model: str = _help("checkpoint folder or Hub id of the model to score", "outputs/pretrain/final")
+    suite: str | None = _help(
+        "YAML or JSON list of corpora (name, path, ...: see examples/eval_suites/); overrides --corpus", None
+    )
+    corpus: list[str] = _help(
+        "name=path entries (a local file or a load_dataset name); default: the held-out plays of the bundled corpus",
+        factory=list,
+    )
+    seq_len: int | None = _help("tokens per scored block (default: the model's max_position_embeddings)", None)
+    num_time_samples: int = _help("Monte-Carlo draws of the bound per block (its standard error falls as 1/√K)", 16)
+    num_steps: int | None = _help(
+        "None: the continuous-time bound; T: the bound of a T-step sampler (the discrete-time NELBO)", None
+    )
+    batch_size: int = _help("blocks per forward pass", 8)
+    max_blocks: int | None = _help("score at most this many blocks per corpus (default: all)", None)
+    seed: int = _help("seed of the Monte-Carlo draws", 0)
+    output: str | None = _help("write the results JSON here too", None)
+    write_results: bool = _help("also write <model>/eval_results.json, which the model card reads", False)
+    cpu: bool = _help("run on the CPU even when a GPU is present", False)
 
 
 def load_suite(cfg: EvalConfig) -> list[Corpus]:
@@ -218,7 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(target, payload)
-    accelerator.end_training()
+    end_run(accelerator)  # tear the process group down explicitly: no hang at exit under DDP
     return results
 
 

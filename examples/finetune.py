@@ -37,6 +37,7 @@ from transformers import AutoModel, AutoTokenizer, HfArgumentParser, Trainer, Tr
 
 from modeling_mdm_prime import make_tokenizer_portable
 from modeling_mdm_prime.data import JSON_SUFFIXES, read_documents
+from modeling_mdm_prime.training import end_run
 
 LORA_TARGETS = ["attn_qkv", "attn_out", "fc_in", "fc_out"]  # every Linear in the transformer blocks
 VALIDATION_FRACTION, VALIDATION_CAP = 0.1, 256
@@ -51,7 +52,7 @@ class ScriptArguments:
         default=None,
         metadata={
             "help": f"examples held out when there is no validation_file: a fraction (< 1) or a count (>= 1); "
-            f"default {VALIDATION_FRACTION:.0%} of the examples, at most {VALIDATION_CAP}"
+            f"default {VALIDATION_FRACTION:.0%}% of the examples, at most {VALIDATION_CAP}"  # argparse: %% is %
         },
     )
     block_size: int | None = field(default=None, metadata={"help": "default: max_position_embeddings"})
@@ -249,6 +250,7 @@ def main() -> None:
         make_tokenizer_portable(output)  # the tokenizer also loads on transformers 4.57
         write_json_atomic(output / "eval_results.json", eval_results(args, before, after, jsonl))
         print(f"saved to {output}")
+    end_run(trainer.accelerator)  # tear the process group down explicitly: no hang at exit under DDP
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Pretrain an MDM-Prime / MD4 model with Accelerate (one process, DDP, FSDP or DeepSpeed; CPU or GPU).
 
-With no arguments it trains a small MDM-Prime on the Shakespeare plays bundled in examples/data (public
+With no arguments it trains a small MDM-Prime on the Shakespeare plays bundled in modeling_mdm_prime/corpora (public
 domain), in about 6 minutes on 2 CPU cores, and leaves a checkpoint that loads with
 ``AutoModel.from_pretrained(dir, trust_remote_code=True)``. The default size and step count are the best valid bound
 per CPU-minute that ``benchmarks/default_budget.py`` found (2 layers of width 192 for 2,300 steps).
@@ -13,8 +13,9 @@ per CPU-minute that ``benchmarks/default_budget.py`` found (2 layers of width 19
 
 The corpus, tokenizer and packing code is in ``modeling_mdm_prime.data``. Checkpoints hold accelerate's model,
 optimizer and RNG files plus this script's own state as JSON and safetensors (scheduler, EMA, settings); resuming
-never unpickles anything beyond tensors (``torch.load(weights_only=True)``) and refuses what would not continue
-the run exactly unless ``--allow_inexact_resume`` / ``--allow_changed_settings`` say otherwise.
+never unpickles anything beyond tensors (``torch.load(weights_only=True)``; FSDP and DeepSpeed states, which need
+full unpickling, only with ``--allow_unsafe_pickle``) and refuses what would not continue the run exactly unless
+``--allow_inexact_resume`` / ``--allow_changed_settings`` say otherwise.
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ class PretrainConfig(DataConfig):
     )
     allow_changed_settings: str = _help(
         "comma-separated settings that may differ from the checkpoint's on resume (or 'all')", ""
+    )
+    allow_unsafe_pickle: bool = _help(
+        "allow resuming FSDP / DeepSpeed states, which are read by unpickling in full (runs any code the files "
+        "name): only for checkpoints you wrote. One-process and DDP resumes never need it",
+        False,
     )
     stop_after_steps: int | None = _help("leave after N steps of this run (time-limited jobs); resumable", None)
     eval_every: int = _help("held-out valid-bound evaluation every N steps", 500)
@@ -383,8 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         genmd4 = cfg.noise_schedule == "learnable_polynomial"
         counts = token_frequencies(train_blocks, len(tokenizer)) if genmd4 else None
         save_final(accelerator, cfg, model, tokenizer, ema, counts)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    training.end_run(accelerator)  # tear the process group down explicitly: no hang at exit under DDP
 
 
 if __name__ == "__main__":

@@ -106,6 +106,11 @@ class ImageTrainConfig:
     resume_from_checkpoint: str | None = _help("'latest' or a checkpoint directory", None)
     allow_inexact_resume: bool = _help("resume even when the run cannot continue exactly", False)
     allow_changed_settings: str = _help("comma-separated settings that may differ on resume (or 'all')", "")
+    allow_unsafe_pickle: bool = _help(
+        "allow resuming FSDP / DeepSpeed states, which are read by unpickling in full (runs any code the files "
+        "name): only for checkpoints you wrote. One-process and DDP resumes never need it",
+        False,
+    )
     stop_after_steps: int | None = _help("leave after N steps of this run (time-limited jobs); resumable", None)
     eval_every: int = _help("held-out bits-per-dimension evaluation every N steps", 500)
     eval_images: int = _help("held-out images scored at each evaluation", 360)
@@ -319,8 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         training.save_checkpoint(accelerator, cfg, step, scheduler, ema)
     else:
         save_final(accelerator, cfg, model, ema, held_out)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    training.end_run(accelerator)  # tear the process group down explicitly: no hang at exit under DDP
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ This module is not remote code (its name does not end in ``_mdm_prime.py``).
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import io
 import json
 import math
 import os
 import pickle
 import re
+import stat
 import types
 import zipfile
 from collections import OrderedDict
@@ -50,11 +50,10 @@ from .configuration_mdm_prime import MDMPrimeConfig
 # Licences as stated on the sources' own pages (the MDLM model card; MDM-Prime's text code is Apache-2.0).
 KNOWN_LICENSES = {"kuleshov-group/mdlm-owt": "apache-2.0", "kuleshov-group/mdlm-noeos-owt": "apache-2.0"}
 KNOWN_LICENSE_PREFIXES = {"chen-hao-chao/mdm-prime": "apache-2.0"}
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-tokenizer"
+DEFAULT_TOKENIZER = "gpt2"  # the Hub id of the GPT-2 tokenizer that MDLM and MDM-Prime trained with
 GPT2_EOS = 50256
 ROPE_BASE = 10000.0
 CONVERSION_FILE = "conversion.json"
-CARD_TEMPLATE_FILE = "model_card_template.md"
 
 
 # -- safe unpickling ------------------------------------------------------------------------------------------------
@@ -89,6 +88,45 @@ class PickleStub:
         return f"<stub of {self._stub_of}>"
 
 
+def _checked_rebuild(rebuild):
+    """torch's ``_rebuild_tensor(_v2)`` after checking that the view fits its storage: a tiny file must not claim a
+    huge tensor through stride-0 or overlapping views (``expand``-like), which would allocate once materialised."""
+
+    def checked(storage, storage_offset, size, stride, *args, **kwargs):
+        check_tensor_view(storage, storage_offset, size, stride)
+        return rebuild(storage, storage_offset, size, stride, *args, **kwargs)
+
+    return checked
+
+
+def check_tensor_view(storage: Any, storage_offset: Any, size: Any, stride: Any) -> None:
+    """Raise ``ValueError`` unless a saved tensor view is a plain one of its storage: non-negative integer offset,
+    sizes and strides; the last element it addresses lies inside the storage; and it claims no more elements than
+    the storage holds after the offset (so no stride-0 or overlapping view multiplies a small storage)."""
+    if isinstance(storage, torch.storage.TypedStorage):
+        available = int(storage._size())  # elements (the public size() warns that TypedStorage is deprecated)
+    elif isinstance(storage, torch.UntypedStorage):
+        available = int(storage.nbytes())  # bytes: at least the elements of any dtype
+    else:
+        raise ValueError(f"a tensor's storage is a {type(storage).__name__}, not a torch storage: refusing the file.")
+    values = [storage_offset, *size, *stride]
+    if len(size) != len(stride) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(
+            f"a tensor view with offset {storage_offset!r}, size {tuple(size)!r}, stride {tuple(stride)!r}: expected "
+            "non-negative integers and one stride per dimension."
+        )
+    numel = math.prod(size)
+    if numel == 0:
+        return
+    last = storage_offset + sum((n - 1) * st for n, st in zip(size, stride))
+    if last >= available or numel > available - storage_offset:
+        raise ValueError(
+            f"a tensor of shape {tuple(size)} with strides {tuple(stride)} at offset {storage_offset} claims "
+            f"{numel:,} elements (last index {last:,}), but its storage holds {available:,}: a stride-0 or "
+            "overlapping view that would expand a small file into a large tensor. Refusing the file."
+        )
+
+
 def _rebuild_from_type_v2(func, new_type, args, state):
     """torch's wrapper for tensor subclasses, limited to plain tensors and Parameters (a stubbed type is refused)."""
     if new_type not in (torch.Tensor, torch.nn.Parameter):
@@ -105,7 +143,10 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
         ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     }
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"):
+    for name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+        if hasattr(torch._utils, name):
+            allowed[("torch._utils", name)] = _checked_rebuild(getattr(torch._utils, name))
+    for name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
         if hasattr(torch._utils, name):
             allowed[("torch._utils", name)] = getattr(torch._utils, name)
     for name in dir(torch):
@@ -139,33 +180,150 @@ def _restricted_pickle_module() -> types.ModuleType:
     return module
 
 
-def restricted_torch_load(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False) -> Any:
-    """``torch.load`` a checkpoint on the CPU without running code from it.
+# Limits of the restricted loader: generous for real checkpoints (a Lightning .ckpt of a 170M-parameter model with
+# its optimizer state is ~2 GB and ~10^5 containers and items), small enough to refuse hostile files quickly.
+MAX_CHECKPOINT_BYTES = 64 * 2**30
+MAX_PICKLE_ITEMS = 10_000_000
+MAX_PICKLE_DEPTH = 64
+
+
+def restricted_torch_load(
+    path: str | os.PathLike,
+    *,
+    allow_unsafe_pickle: bool = False,
+    max_bytes: int = MAX_CHECKPOINT_BYTES,
+    max_items: int = MAX_PICKLE_ITEMS,
+    max_depth: int = MAX_PICKLE_DEPTH,
+) -> Any:
+    """``torch.load`` a checkpoint on the CPU without running code from it, refusing hostile files before they
+    cost memory.
+
+    Always (both modes): the path must be a regular file (not a FIFO or device: a link to one is followed and
+    refused) in torch's zip format. The legacy tar format is refused outright (it follows symlink members and can
+    block forever on a FIFO member), and so is every zip record that is compressed (``torch.save`` stores records
+    uncompressed) or a set of records whose sizes add up to more than the file itself (overlapping records) or
+    than ``max_bytes``. The file is checked and loaded through one open file, so it cannot be swapped in between.
 
     By default the pickle is read by :class:`RestrictedUnpickler`: tensors, ``OrderedDict`` and plain containers are
     built, everything else becomes an inert :class:`PickleStub` (read its plain values with :func:`plain_value`).
+    Every tensor view must fit its storage (:func:`check_tensor_view`), and the loaded structure is walked before it
+    is returned (:func:`check_structure`): at most ``max_depth`` levels of nesting and ``max_items`` items
+    counted along every path (memo-shared containers count once per reference, so a few hundred
+    bytes cannot describe a structure whose traversal never ends).
+
     ``allow_unsafe_pickle=True`` uses Python's full unpickler, which imports and calls whatever the file names:
     a hostile file can then run any code as you. Use it only for files whose origin you trust.
+
+    Raises:
+        ValueError: naming the check and the limit that the file failed.
     """
-    if allow_unsafe_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
+    where = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    except OSError as error:
+        raise ValueError(f"{where}: cannot open the checkpoint ({error.strerror}).") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{where}: not a regular file (a FIFO, device or socket); expected a torch .ckpt file.")
+        if not zipfile.is_zipfile(f):
+            raise ValueError(
+                f"{where}: not a torch zip checkpoint (torch.save's format since torch 1.6). The legacy tar format "
+                "and other non-zip files are refused: expected a .ckpt written by torch.save."
+            )
+        f.seek(0)
+        with zipfile.ZipFile(f) as archive:
+            records = archive.infolist()
+        compressed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+        if compressed:
+            raise ValueError(
+                f"{where}: {len(compressed)} compressed zip record(s) ({compressed[0]}, ...): torch.save stores "
+                "records uncompressed, and a compressed record can unpack to far more than the file. Refusing the file."
+            )
+        unpacked = sum(r.file_size for r in records)
+        if unpacked > min(info.st_size, max_bytes):
+            raise ValueError(
+                f"{where}: its zip records hold {unpacked:,} bytes, more than the file's {info.st_size:,} bytes "
+                f"(overlapping records) or the limit max_bytes = {max_bytes:,}. Refusing the file."
+            )
+        f.seek(0)
+        if allow_unsafe_pickle:
+            return torch.load(f, map_location="cpu", weights_only=False)
+        try:
+            loaded = torch.load(f, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
+        except RecursionError:
+            raise ValueError(f"{where}: the pickle nests too deeply to load. Refusing the file.") from None
+    check_structure(loaded, max_items=max_items, max_depth=max_depth, where=where)
+    return loaded
 
 
-def plain_value(obj: Any) -> Any:
+def check_structure(
+    obj: Any, *, max_items: int = MAX_PICKLE_ITEMS, max_depth: int = MAX_PICKLE_DEPTH, where: str = "checkpoint"
+) -> None:
+    """Walk an unpickled structure iteratively (dicts, lists, tuples, sets, :class:`PickleStub` contents) and raise
+    ``ValueError`` on nesting deeper than ``max_depth`` or more than ``max_items`` items counted along every path.
+    A reference back to a container on the current path (a cycle: OmegaConf nodes point at their parents) is not
+    followed; :func:`plain_value` refuses cycles among the values it reads. After this check, recursive readers
+    terminate in bounded time and depth."""
+    count = 0
+    on_path: set[int] = set()
+    stack: list[tuple[Any, int, bool]] = [(obj, 0, False)]
+    while stack:
+        node, depth, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(node))
+            continue
+        count += 1
+        if count > max_items:
+            raise ValueError(
+                f"{where}: the pickle describes more than max_items = {max_items:,} items counted along every path "
+                "(memo-shared containers count once per reference). Refusing the file."
+            )
+        children = _children(node)
+        if children is None or id(node) in on_path:  # a leaf, or a reference back up the path (OmegaConf's _parent)
+            continue
+        if depth >= max_depth:
+            raise ValueError(f"{where}: containers nest deeper than max_depth = {max_depth}. Refusing the file.")
+        on_path.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((child, depth + 1, False) for child in children)
+
+
+def _children(node: Any) -> list | None:
+    """The items a container holds (None for a leaf: tensors, strings, numbers)."""
+    if isinstance(node, Mapping):
+        return [*node.keys(), *node.values()]
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return list(node)
+    if isinstance(node, PickleStub):
+        # A stub made by the pickle's NEWOBJ never ran __init__: it may lack any of these.
+        return [getattr(node, name, None) for name in ("args", "kwargs", "state", "items", "list")]
+    return None
+
+
+def plain_value(obj: Any, _path: frozenset[int] = frozenset()) -> Any:
     """Plain Python values from stubbed objects: OmegaConf containers (``_content``) and nodes (``_val``) become
-    dicts, lists and scalars; other stubs stay stubs."""
+    dicts, lists and scalars; other stubs stay stubs.
+
+    Raises:
+        ValueError: the values read form a cycle (a container inside itself), which has no plain value.
+    """
+    if isinstance(obj, (PickleStub, Mapping, list, tuple)):
+        if id(obj) in _path:
+            raise ValueError("the checkpoint's config holds a reference cycle (a value inside itself); refusing it.")
+        _path = _path | {id(obj)}
     if isinstance(obj, PickleStub):
-        state = obj.state if isinstance(obj.state, dict) else {}
+        state = getattr(obj, "state", None)
+        state = state if isinstance(state, dict) else {}
         if "_content" in state:
-            return plain_value(state["_content"])
+            return plain_value(state["_content"], _path)
         if "_val" in state:
-            return plain_value(state["_val"])
+            return plain_value(state["_val"], _path)
         return obj
     if isinstance(obj, Mapping):
-        return {key: plain_value(value) for key, value in obj.items()}
+        return {key: plain_value(value, _path) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [plain_value(value) for value in obj]
+        return [plain_value(value, _path) for value in obj]
     return obj
 
 
@@ -282,6 +440,58 @@ def _check_shapes(source: SourceCheckpoint, where: str) -> None:
             )
 
 
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_.]+")
+
+
+def check_key_names(state: Mapping[Any, Any], where: str) -> None:
+    """Refuse a state dict with a key that is not a plain parameter name (``^[A-Za-z0-9_.]+$``): the names travel
+    into ``conversion.json`` and the model card, and a hostile one could carry markup or template syntax."""
+    for key in state:
+        if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
+            shown = ascii(key)[:120] + ("..." if len(ascii(key)) > 120 else "")
+            raise ValueError(
+                f"{where}: state-dict key {shown} is not a parameter name: expected letters, digits, '_' and '.' "
+                "only (^[A-Za-z0-9_.]+$). Refusing the checkpoint."
+            )
+
+
+def check_weight_values(source: SourceCheckpoint, where: str) -> None:
+    """Refuse what would convert into a silently broken model, naming the tensor: NaN or infinite values, a
+    non-floating or mixed dtype (the fold computes in float64 and casts back to the one source dtype), and at
+    ℓ > 1 an output layer with a MASK row (MDM-Prime's output has exactly the C token rows; a MASK row there means
+    a vocabulary or ℓ that does not match the weights)."""
+    dtypes: dict[torch.dtype, list[str]] = {}
+    for name, tensor in source.weights.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{where}: {name} is a {type(tensor).__name__}, not a tensor.")
+        if name == "rotary_emb.inv_freq":  # a float32 buffer in any precision; recomputed, not converted
+            continue
+        if not tensor.is_floating_point():
+            raise ValueError(f"{where}: {name} has dtype {tensor.dtype}; expected floating-point weights.")
+        dtypes.setdefault(tensor.dtype, []).append(name)
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(
+                f"{where}: {name} {tuple(tensor.shape)} holds {bad:,} NaN or infinite value(s); a diverged or corrupt "
+                "checkpoint. Refusing to convert it."
+            )
+    if len(dtypes) > 1:
+        main = max(dtypes, key=lambda d: len(dtypes[d]))
+        odd = sorted(f"{n} ({d})" for d, names in dtypes.items() if d != main for n in names)
+        raise ValueError(
+            f"{where}: mixed dtypes: most weights are {main}, but {', '.join(odd[:6])}"
+            f"{' ...' if len(odd) > 6 else ''}. "
+            "Expected one dtype for every weight (cast the checkpoint first, knowing what the cast rounds)."
+        )
+    rows = source.weights["output_layer.linear.weight"].shape[0]
+    if source.num_sub_tokens > 1 and rows != source.vocab_size:
+        raise ValueError(
+            f"{where}: output_layer.linear.weight has {rows} rows at ℓ = {source.num_sub_tokens}; expected exactly "
+            f"the vocabulary, {source.vocab_size} rows (MDM-Prime predicts tokens, not the MASK): the config's "
+            "vocabulary or ℓ does not match the weights."
+        )
+
+
 def _refuse_unconvertible(settings: Mapping[str, Any], where: str) -> None:
     """Refuse time-conditioned, uniform-state (Duo) and block-causal (BD3-LM, block < length) models."""
     model_type = str(settings.get("model_type", ""))
@@ -353,6 +563,7 @@ def load_mdlm_folder(folder: str | os.PathLike) -> SourceCheckpoint:
         description={"format": "MDLM safetensors (config.json model_type mdlm)", "weights": "as published"},
     )
     _check_shapes(source, where)
+    check_weight_values(source, where)
     return source
 
 
@@ -365,16 +576,15 @@ def load_lightning_checkpoint(
     raw ``state_dict`` weights, as the papers evaluate. ℓ, the base and carry_over come from the config's ``prime``
     section (absent: ℓ = 1, an MDLM run), the sizes from its ``model`` section.
     """
-    where = str(path)
-    if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{where}: not a torch zip checkpoint (torch.save's format since torch 1.6); expected a .ckpt."
-        )
+    where = Path(path).name
     ckpt = restricted_torch_load(path, allow_unsafe_pickle=allow_unsafe_pickle)
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
         found = sorted(ckpt)[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise ValueError(f"{where}: expected a Lightning checkpoint with 'state_dict', found {found}.")
-    hyper = plain_value(ckpt.get("hyper_parameters") or {})
+    try:
+        hyper = plain_value(ckpt.get("hyper_parameters") or {})
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     config = hyper.get("config", hyper) if isinstance(hyper, Mapping) else {}
     if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
         raise ValueError(f"{where}: hyper_parameters hold no readable config with a 'model' section.")
@@ -391,6 +601,9 @@ def load_lightning_checkpoint(
         where,
     )
     state = ckpt["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where}: state_dict is a {type(state).__name__}; expected a mapping of names to tensors.")
+    check_key_names(state, where)
     weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     others = sorted(k for k in state if not k.startswith("backbone."))
     for key in others:  # buffers of the training module; a non-identity digit permutation changes the code
@@ -431,7 +644,7 @@ def load_lightning_checkpoint(
                     f"{where}: ema.shadow_params entry for {name} has shape {shape}, the weight "
                     f"{tuple(weights[name].shape)}: the EMA list is not in trainable-parameter order."
                 )
-            weights[name] = tensor.to(weights[name].dtype)
+            weights[name] = tensor  # its dtype is checked with the others (check_weight_values)
         ema_used = True
     source = SourceCheckpoint(
         weights=weights,
@@ -452,6 +665,7 @@ def load_lightning_checkpoint(
         },
     )
     _check_shapes(source, where)
+    check_weight_values(source, where)
     return source
 
 
@@ -579,49 +793,12 @@ def _sha256(paths: list[Path]) -> dict[str, str]:
     return digests
 
 
-def _conversion_section(record: Mapping[str, Any]) -> str:
-    """Markdown for the card: source, licence, what the conversion did."""
-    ignored = record["source"].get("ignored_keys") or []
-    lines = [
-        "## Conversion",
-        "",
-        f"Converted from **{record['source']['name']}**"
-        + (f" (`{record['source']['filename']}`)" if record["source"].get("filename") else "")
-        + f", licence **{record['source']['license'] or 'not stated: check the source'}**, with "
-        "`modeling_mdm_prime.convert` (`examples/convert_checkpoint.py`); no training happened here.",
-        "",
-        f"- Source format: {record['source']['format']}; weights: {record['source']['weights']}.",
-        f"- ℓ = {record['num_sub_tokens']}, carry_over = {record['carry_over']}, source dtype {record['dtype']}.",
-        "- The DiT is time independent (time_conditioning off), so its adaLN modulation is a constant: it was "
-        "folded exactly (in float64) into the LayerNorm weights and biases and the rows of the attention-output and "
-        "MLP-output projections. The conditioning MLP (`sigma_map`) and the rotary buffer are not needed: dropped.",
-        "- The MASK logit row of the output layer was dropped (MDLM's SUBS sets it to −∞)."
-        if record["dropped_mask_row"]
-        else "- The output layer has no MASK row (MDM-Prime); it was copied as is.",
-        f"- Dropout {record['dropout']} in the blocks (as trained), {record['embedding_dropout']} on the embedding.",
-        "- Tokenizer: GPT-2 (BOS = EOS = 50256), as in the source's training.",
-    ]
-    if ignored:
-        lines.append(f"- Training-module entries not part of the network, ignored: {', '.join(ignored)}.")
-    lines += [
-        "",
-        "The papers report perplexities from their own evaluation; the valid-bound perplexity of this conversion is "
-        "computed with `examples/evaluate_ppl.py` (the MDM-Prime paper objective is not a likelihood bound).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def write_model_card(folder: Path, record: Mapping[str, Any], model_id: str | None = None) -> None:
-    """``README.md`` from the package's card template with a Conversion section, and that template as
-    ``model_card_template.md`` (pass it as ``--card_template`` when publishing, so the pushed card keeps the
-    section)."""
-    from .hub import CARD_TEMPLATE_NAME, render_model_card
+    """``README.md`` from the package's card template; its Conversion section is rendered from ``conversion.json``
+    (:func:`modeling_mdm_prime.hub.conversion_lines`), so a push of the folder keeps it without a custom template.
+    Values from the source reach the card only as escaped template variables, never as template source."""
+    from .hub import render_model_card
 
-    template = importlib.resources.files(__package__).joinpath(CARD_TEMPLATE_NAME).read_text(encoding="utf-8")
-    section = "{% raw %}" + _conversion_section(record) + "{% endraw %}\n"
-    template = template.replace("## Usage", section + "## Usage", 1) if "## Usage" in template else template + section
-    (folder / CARD_TEMPLATE_FILE).write_text(template, encoding="utf-8")
     card = render_model_card(
         folder,
         model_id or str(folder),
@@ -629,9 +806,35 @@ def write_model_card(folder: Path, record: Mapping[str, Any], model_id: str | No
         datasets=record.get("datasets", ()),
         language=["en"],
         training_data=record.get("training_data"),
-        template=folder / CARD_TEMPLATE_FILE,
     )
     (folder / "README.md").write_text(str(card), encoding="utf-8")
+
+
+def source_label(source: str) -> str:
+    """What the card and ``conversion.json`` call the source: a Hub id as it is, a local path by its file name only
+    (a published card must not reveal the converting machine's layout)."""
+    return Path(source).name if Path(source).exists() or os.path.isabs(source) else source
+
+
+def load_tokenizer(tokenizer: str | os.PathLike | None):
+    """The converter's tokenizer: ``tokenizer`` (a folder or Hub id), else GPT-2 from the Hub (``gpt2``).
+
+    Raises:
+        ValueError: the default cannot be loaded (offline, no cached copy): pass ``tokenizer`` (``--tokenizer``).
+    """
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    try:
+        return AutoTokenizer.from_pretrained(DEFAULT_TOKENIZER)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"could not load the default tokenizer {DEFAULT_TOKENIZER!r} from the Hugging Face Hub "
+            f"({' '.join(str(error).split())}). Offline, "
+            "pass the GPT-2 tokenizer the model was trained with as a local folder: --tokenizer DIR "
+            "(convert_checkpoint(..., tokenizer=DIR))."
+        ) from None
 
 
 def convert_checkpoint(
@@ -655,8 +858,8 @@ def convert_checkpoint(
     Args:
         source: a local MDLM folder or ``.ckpt``, or a Hub repo id (``filename`` names a file inside it).
         output_dir: a new or empty folder.
-        tokenizer: a tokenizer folder (default: the GPT-2 tokenizer in ``../shared/data/gpt2-tokenizer``); its size
-            must be the model's vocabulary, its EOS becomes BOS = EOS of the config.
+        tokenizer: a tokenizer folder or Hub id (default: ``gpt2`` from the Hub; offline, pass a local copy); its
+            size must be the model's vocabulary, its EOS becomes BOS = EOS of the config.
         embedding_dropout: dropout on the embedding of the converted model (MDLM has none: 0.0).
         use_ema: for a ``.ckpt``, convert the EMA weights (default) rather than the raw ones.
         allow_unsafe_pickle: unpickle a ``.ckpt`` with Python's full unpickler, which runs any code the file names.
@@ -670,8 +873,6 @@ def convert_checkpoint(
         ValueError: an unconvertible or malformed source (see :func:`load_mdlm_folder`,
             :func:`load_lightning_checkpoint`), a tokenizer that does not fit, or a non-empty ``output_dir``.
     """
-    from transformers import AutoTokenizer
-
     from .hub import make_tokenizer_portable
 
     target = Path(output_dir)
@@ -687,7 +888,7 @@ def convert_checkpoint(
     else:
         loaded = load_lightning_checkpoint(path, use_ema=use_ema, allow_unsafe_pickle=allow_unsafe_pickle)
         files = [path]
-    tok = AutoTokenizer.from_pretrained(str(tokenizer or DEFAULT_TOKENIZER))
+    tok = load_tokenizer(tokenizer)
     if len(tok) != loaded.vocab_size or tok.eos_token_id is None:
         raise ValueError(
             f"the tokenizer has {len(tok)} tokens (EOS {tok.eos_token_id}); the model has a vocabulary of "
@@ -702,7 +903,7 @@ def convert_checkpoint(
     make_tokenizer_portable(target)
     record = {
         "source": {
-            "name": name,
+            "name": source_label(name),
             "filename": filename,
             "revision": revision,
             "license": license or source_license(name),

@@ -22,8 +22,8 @@ from datasets import Dataset, IterableDataset, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-# The Shakespeare plays bundled with the repository (a source checkout; not part of a wheel).
-BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "shakespeare_plays.jsonl.xz"
+# Package data (setup.cfg), so the default exists in a clone and in a wheel install alike.
+BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpora" / "shakespeare_plays.jsonl.xz"
 JSON_SUFFIXES = {".json", ".jsonl"}
 SPECIAL_TOKEN = "<|endoftext|>"
 

@@ -39,6 +39,7 @@ import bz2
 import gzip
 import importlib.metadata
 import importlib.resources
+import io
 import json
 import logging
 import lzma
@@ -47,6 +48,7 @@ import os
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,13 +88,26 @@ TRAINING_CONFIG_FILE = "training_config.json"
 SAMPLES_FILE = "samples.txt"
 # The published files besides weights, code and tokenizer (README's "What is uploaded" table). README.md is not
 # among them: the card is generated.
-MODEL_FILES = ("config.json", "generation_config.json", EVAL_FILE, SAMPLES_FILE, TRAINING_CONFIG_FILE)
+CONVERSION_FILE = "conversion.json"  # written by modeling_mdm_prime.convert: what a conversion did
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    EVAL_FILE,
+    SAMPLES_FILE,
+    TRAINING_CONFIG_FILE,
+    CONVERSION_FILE,
+)
 # Files of a repository that a push never takes from the checkpoint folder.
 GENERATED_FILES = ("README.md", ".gitattributes")
 # Files of an earlier push that a new one replaces or removes: a stale shard or code file would break loading.
 STALE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.py")
 # Training settings that describe the run; paths and bookkeeping are left out of a published card.
 PRIVATE_TRAINING_KEYS = ("output_dir", "resume_from_checkpoint", "report_to", "logging_dir", "cpu")
+# Setting names that may hold a secret: never published, whatever file they come from. Matched as whole words of the
+# name (``hub_token``, ``apiKey``, ``db-password``), so ``tokenizer`` or ``sample_tokens`` are kept.
+SECRET_WORDS = {"token", "secret", "secrets", "password", "passwd", "pwd", "key", "apikey", "credential"}
+SECRET_WORDS |= {"credentials", "auth", "authorization", "cookie", "session"}
+SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,})$")
 RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.MULTILINE)
 EVAL_REQUIRED = {"dataset": str, "split": str, "nelbo_per_token": float, "ppl_bound": float}
 EVAL_OPTIONAL = {
@@ -126,6 +141,7 @@ FRECHET_METRICS = {"fid": "FID", "classifier_frechet_distance": "classifier Fré
 EMBEDDED_IMAGE_DATASETS = ("digits", "mnist")
 IMAGE_TAGS = ("masked-diffusion", "discrete-diffusion", "diffusion", "image-generation")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SNIFF_BYTES = 1 << 20  # how much of a file (decompressed, for a compressed one) the pickle sniffing reads
 
 
 class HubPublishError(RuntimeError):
@@ -181,6 +197,29 @@ def is_image_checkpoint(checkpoint_dir: str | os.PathLike) -> bool:
     return isinstance(config, dict) and config.get("model_type") == IMAGE_MODEL_TYPE
 
 
+def outside_folder(folder: str | os.PathLike, name: str) -> bool:
+    """Whether ``folder/name``, symlinks resolved, lies outside ``folder`` (a link to ``~/.ssh/id_rsa``, ``..``)."""
+    root = Path(folder).resolve()
+    return not (Path(folder) / name).resolve().is_relative_to(root)
+
+
+def refuse_outside_files(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Raise ``ValueError`` naming every file of ``names`` whose real path leaves ``folder``.
+
+    A push uploads, and the card quotes, only files that really are in the checkpoint folder: an allowlisted name
+    (``samples.txt``, ``merges.txt``, ...) that is a symlink to a file elsewhere would otherwise publish that file.
+    """
+    folder = Path(folder)
+    escaping = sorted(name for name in names if (folder / name).exists() and outside_folder(folder, name))
+    if escaping:
+        listed = ", ".join(f"{name} -> {(folder / name).resolve()}" for name in escaping)
+        raise ValueError(
+            f"Refusing to publish from {folder}: {listed} resolve(s) outside the folder (a symlink). Only files that "
+            "are really inside the checkpoint folder are published or read into the card: copy the file in, or "
+            "remove the link."
+        )
+
+
 def select_files(checkpoint_dir: str | os.PathLike, extra_files: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """The files a push takes from a checkpoint folder, and the ones it leaves out.
 
@@ -223,11 +262,12 @@ def select_files(checkpoint_dir: str | os.PathLike, extra_files: Sequence[str] =
     published = {name for name in top if name in wanted}
     if image and IMAGE_EVAL_FILE not in published and (folder / IMAGE_EVAL_DEFAULT).is_file():
         published.add(IMAGE_EVAL_DEFAULT)
-    root = folder.resolve()
+    refuse_outside_files(folder, published)
     for pattern in extra_files:
         if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
             raise ValueError(f"extra file {pattern!r} must be a path or pattern inside {folder}, e.g. 'notes.txt'.")
-        matches = [p for p in sorted(folder.glob(pattern)) if p.is_file() and p.resolve().is_relative_to(root)]
+        matches = [p for p in sorted(folder.glob(pattern)) if p.is_file()]
+        refuse_outside_files(folder, [p.relative_to(folder).as_posix() for p in matches])
         if not matches:
             raise ValueError(
                 f"extra file {pattern!r} matches no file in {folder}: expected a file name or pattern there."
@@ -252,9 +292,10 @@ def pickle_reason(path: str | os.PathLike) -> str | None:
     """Why a file is (or may hold) a pickle, or None. Loading a pickle can run arbitrary code.
 
     By name, case-insensitively, on every suffix (``pytorch_model.BIN``, ``weights.pkl.gz``, ``arr.npy``); by
-    content: a pickle stream (protocol 2 and later start with opcode ``0x80``), a zip archive holding a pickle or a
-    numpy array (``torch.save``, ``numpy.savez``), a numpy ``.npy`` array (it can hold pickled objects), or one of
-    these compressed with gzip, bz2 or xz. A valid safetensors file is never a pickle.
+    content (the first :data:`SNIFF_BYTES`): a pickle stream of any protocol (:func:`_pickle_magic`), a zip archive
+    holding a pickle or a numpy array (``torch.save``, ``numpy.savez``), a numpy ``.npy`` array (it can hold pickled
+    objects), or one of these compressed with gzip, bz2, xz or zlib. A valid safetensors file
+    (:func:`_is_safetensors`) is never a pickle.
     """
     path = Path(path)
     suffix = next((s for s in Path(path.name.lower()).suffixes if s in PICKLE_SUFFIXES), None)
@@ -263,7 +304,7 @@ def pickle_reason(path: str | os.PathLike) -> str | None:
     if _is_safetensors(path):
         return None
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(SNIFF_BYTES)
     found = _pickle_magic(head)
     if found:
         return f"its content is {found}"
@@ -285,10 +326,16 @@ def pickle_reason(path: str | os.PathLike) -> str | None:
         if head.startswith(magic):
             try:
                 with opener(path, "rb") as f:
-                    found = _pickle_magic(f.read(16))
+                    found = _pickle_magic(f.read(SNIFF_BYTES))
             except (OSError, EOFError, lzma.LZMAError):
                 return None
             return f"its content is {found}, {kind}-compressed" if found else None
+    if len(head) >= 2 and head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0:  # a zlib stream header
+        try:
+            found = _pickle_magic(zlib.decompressobj().decompress(head, SNIFF_BYTES))
+        except zlib.error:
+            return None
+        return f"its content is {found}, zlib-compressed" if found else None
     return None
 
 
@@ -313,7 +360,9 @@ def check_checkpoint(checkpoint_dir: str | os.PathLike, extra_files: Sequence[st
     if not folder.is_dir():
         raise ValueError(f"Checkpoint folder {folder} does not exist.")
     published, left_out = select_files(folder, extra_files)
-    scanned = sorted({*(p.name for p in folder.iterdir() if p.is_file()), *published})
+    # Every file of the folder is sniffed for pickles, except links that leave it (never published, never read).
+    inside = [p.name for p in folder.iterdir() if p.is_file() and not outside_folder(folder, p.name)]
+    scanned = sorted({*inside, *published})
     pickles = {name: reason for name in scanned if (reason := pickle_reason(folder / name))}
     if pickles:
         listed = "; ".join(f"{name} ({reason})" for name, reason in pickles.items())
@@ -556,11 +605,39 @@ def load_training_config(checkpoint_dir: str | os.PathLike) -> dict | None:
     layout.
     """
     folder = Path(checkpoint_dir)
-    for path in (folder / TRAINING_CONFIG_FILE, folder.parent / "logs" / "config.json"):
+    logs = folder.parent / "logs" / "config.json"
+    for path, root in ((folder / TRAINING_CONFIG_FILE, folder), (logs, folder.parent)):
         if path.is_file():
+            refuse_outside_files(root, [path.relative_to(root).as_posix()])
             raw = _read_json(path)
-            return _public({k: v for k, v in raw.items() if k not in PRIVATE_TRAINING_KEYS})
+            if not isinstance(raw, dict):
+                raise ValueError(f"{path} holds {type(raw).__name__}; expected a JSON object of training settings.")
+            return public_settings(raw)
     return None
+
+
+def public_settings(settings: Mapping[str, Any]) -> dict:
+    """Training settings as they may be published: bookkeeping keys (:data:`PRIVATE_TRAINING_KEYS`) dropped, every
+    key that may name a secret (a word of :data:`SECRET_WORDS`: ``hub_token``, ``wandb_api_key``, ``password``) and
+    every value that looks like an access token dropped at any depth, absolute paths reduced to their last
+    component (:func:`_public`)."""
+
+    def secret_name(key: Any) -> bool:
+        words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower()
+        return any(word in SECRET_WORDS for word in re.split(r"[^a-z0-9]+", words))
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items() if not secret_name(k) and not _secret_value(v)}
+        if isinstance(value, list):
+            return [clean(v) for v in value if not _secret_value(v)]
+        return value
+
+    return _public(clean({k: v for k, v in settings.items() if k not in PRIVATE_TRAINING_KEYS}))
+
+
+def _secret_value(value: Any) -> bool:
+    return isinstance(value, str) and bool(SECRET_VALUE.match(value.strip()))
 
 
 # -- the model card -------------------------------------------------------------------------------------------------
@@ -606,9 +683,11 @@ def render_model_card(
     Returns:
         a :class:`huggingface_hub.ModelCard`; ``str(card)`` is the file's text.
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
     folder = Path(checkpoint_dir)
+    # Everything the card reads must really be in the folder (a symlinked samples.txt would be quoted into it).
+    refuse_outside_files(folder, [p.name for p in folder.iterdir()] + [IMAGE_EVAL_DEFAULT])
     image = is_image_checkpoint(folder)
     if template is None:
         name = IMAGE_CARD_TEMPLATE_NAME if image else CARD_TEMPLATE_NAME
@@ -642,6 +721,9 @@ def render_model_card(
         training_data=training_data,
         hub_datasets=datasets,
         license_id=license,
+        conversion=conversion_lines(_read_json(folder / CONVERSION_FILE))
+        if (folder / CONVERSION_FILE).is_file()
+        else [],
     )
     if image:
         eval_results, more = _image_card_variables(folder, config, training)
@@ -659,7 +741,95 @@ def render_model_card(
         eval_results=eval_results or None,
         inference=False,
     )
-    return ModelCard.from_template(card_data, template_str=template_text, **variables, **more)
+    return render_card_template(template_text, card_data, {**variables, **more}, where=str(template or "default"))
+
+
+def render_card_template(template_text: str, card_data: Any, variables: Mapping[str, Any], where: str) -> ModelCard:
+    """A :class:`huggingface_hub.ModelCard` from a Jinja2 template, rendered in a sandbox.
+
+    The template sees the card data's fields and ``card_data`` (its YAML), as with ``ModelCard.from_template``,
+    plus ``variables``. It is rendered by ``jinja2.sandbox.ImmutableSandboxedEnvironment``: a template (the
+    package's, or a user's ``--card_template``) can format values and loop over them, but not reach Python objects
+    (``{{ cycler.__init__.__globals__ }}``) nor mutate the values. Data is only ever passed as variables, never
+    spliced into template source.
+
+    Raises:
+        ValueError: the template is not valid Jinja2, or it tries to reach something the sandbox forbids.
+    """
+    import jinja2
+    from huggingface_hub import ModelCard
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    environment = ImmutableSandboxedEnvironment()
+    try:
+        text = environment.from_string(template_text).render(
+            card_data=card_data.to_yaml(), **{**card_data.to_dict(), **variables}
+        )
+    except jinja2.exceptions.SecurityError as error:
+        raise ValueError(
+            f"Model card template {where} was refused: {error}. A card template may format the variables it is "
+            "given (see the header of modeling_mdm_prime/model_card_template.md), not reach Python internals."
+        ) from None
+    except jinja2.exceptions.TemplateError as error:
+        raise ValueError(f"Model card template {where} could not be rendered: {error}.") from None
+    return ModelCard(text)
+
+
+def conversion_lines(record: Any) -> list[str]:
+    """The card's Conversion section, one Markdown line per item, from ``conversion.json``
+    (:func:`modeling_mdm_prime.convert.convert_checkpoint`). Every value from the record is escaped
+    (:func:`markdown_text`, :func:`markdown_code`): the file is data, and a hostile one cannot add markup."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("source"), Mapping):
+        raise ValueError(f"{CONVERSION_FILE} is not a conversion record: expected an object with a 'source' object.")
+    source = record["source"]
+    text = lambda key, default="—": markdown_text(source.get(key) or default)  # noqa: E731
+    name = markdown_text(_public(str(source.get("name") or "an unnamed source")))
+    filename = source.get("filename")
+    ignored = source.get("ignored_keys") or []
+    lines = [
+        "## Conversion",
+        "",
+        f"Converted from **{name}**"
+        + (f" ({markdown_code(_public(str(filename)))})" if filename else "")
+        + f", licence **{text('license', 'not stated: check the source')}**, with "
+        "`modeling_mdm_prime.convert` (`examples/convert_checkpoint.py`); no training happened here.",
+        "",
+        f"- Source format: {text('format')}; weights: {text('weights')}.",
+        f"- ℓ = {markdown_text(record.get('num_sub_tokens'))}, carry_over = {markdown_text(record.get('carry_over'))}, "
+        f"source dtype {markdown_text(record.get('dtype'))}.",
+        "- The DiT is time independent (time_conditioning off), so its adaLN modulation is a constant: it was "
+        "folded exactly (in float64) into the LayerNorm weights and biases and the rows of the attention-output and "
+        "MLP-output projections. The conditioning MLP (`sigma_map`) and the rotary buffer are not needed: dropped.",
+        "- The MASK logit row of the output layer was dropped (MDLM's SUBS sets it to −∞)."
+        if record.get("dropped_mask_row")
+        else "- The output layer has no MASK row (MDM-Prime); it was copied as is.",
+        f"- Dropout {markdown_text(record.get('dropout'))} in the blocks (as trained), "
+        f"{markdown_text(record.get('embedding_dropout'))} on the embedding.",
+        "- Tokenizer: GPT-2 (BOS = EOS = 50256), as in the source's training.",
+    ]
+    if ignored:
+        keys = ", ".join(markdown_code(key) for key in (ignored if isinstance(ignored, list) else [ignored]))
+        lines.append(f"- Training-module entries not part of the network, ignored: {keys}.")
+    lines += [
+        "",
+        "The papers report perplexities from their own evaluation; the valid-bound perplexity of this conversion is "
+        "computed with `examples/evaluate_ppl.py` (the MDM-Prime paper objective is not a likelihood bound).",
+        "",
+    ]
+    return lines
+
+
+def markdown_text(value: Any) -> str:
+    """``value`` as inert Markdown text on one line: HTML and Markdown punctuation escaped."""
+    text = " ".join(str(value).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", text)
+
+
+def markdown_code(value: Any) -> str:
+    """``value`` as a one-line Markdown code span (backticks in it cannot close the span)."""
+    text = " ".join(str(value).split()).replace("`", "'")
+    return f"`{text}`"
 
 
 def _text_card_variables(folder: Path, example_prompt: str) -> tuple[list, dict[str, Any]]:
@@ -844,9 +1014,15 @@ def checkpoint_contents(
         evaluation = load_eval_results(folder)
         if evaluation is not None and _public(evaluation) != evaluation:
             contents[EVAL_FILE] = (json.dumps(_public(evaluation), indent=2) + "\n").encode()
+    # The run's settings are always published in their sanitised form (public_settings), never as the file is.
+    contents.pop(TRAINING_CONFIG_FILE, None)
     training = load_training_config(folder)
-    if training is not None and TRAINING_CONFIG_FILE not in contents:
+    if training is not None:
         contents[TRAINING_CONFIG_FILE] = (json.dumps(training, indent=2) + "\n").encode()
+    if CONVERSION_FILE in contents:
+        record = _read_json(folder / CONVERSION_FILE)
+        if _public(record) != record:
+            contents[CONVERSION_FILE] = (json.dumps(_public(record), indent=2) + "\n").encode()
     card = render_model_card(folder, model_id, **card_options)
     contents["README.md"] = str(card).encode()
     return dict(sorted(contents.items()))
@@ -1175,15 +1351,26 @@ def _server_message(error: Exception) -> str:
     return f" The server said: {message}." if message else ""
 
 
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "U16": 16, "I16": 16, "F16": 16,
+    "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64, "F4": 4, "F6_E2M3": 6,
+    "F6_E3M2": 6, "C64": 64,
+}  # fmt: skip
+
+
 def _is_safetensors(path: Path) -> bool:
-    """Whether ``path`` is a safetensors file: an 8-byte little-endian header length, then a JSON object."""
+    """Whether ``path`` is exactly a safetensors file: an 8-byte little-endian header length N, an N-byte JSON
+    object whose tensors each have a known dtype, a shape and ``data_offsets`` that match them, laid end to end from
+    0, and nothing after the last tensor's data (the file's length is ``8 + N + end``, so no bytes are smuggled
+    after it)."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
                 return False
             (length,) = struct.unpack("<Q", prefix)
-            if length < 2 or length > min(path.stat().st_size - 8, 100 * 2**20):
+            if length < 2 or length > min(size - 8, 100 * 2**20):
                 return False
             header = f.read(length)
     except OSError:
@@ -1191,18 +1378,64 @@ def _is_safetensors(path: Path) -> bool:
     if not header.startswith(b"{"):
         return False
     try:
-        return isinstance(json.loads(header), dict)
+        entries = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return False
+    if not isinstance(entries, dict):
+        return False
+    spans = []
+    for name, entry in entries.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict):
+                return False
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPE_BITS:
+            return False
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(_is_kind(n, int) and n >= 0 for n in shape)):
+            return False
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_kind(n, int) for n in offsets)):
+            return False
+        begin, end = offsets
+        if not 0 <= begin <= end or (end - begin) * 8 != math.prod(shape) * SAFETENSORS_DTYPE_BITS[entry["dtype"]]:
+            return False
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):  # contiguous from 0, no overlap, no gap
+        if begin != position:
+            return False
+        position = end
+    return size == 8 + length + position
 
 
 def _pickle_magic(head: bytes) -> str | None:
-    """What the first bytes of a file say it is, when that is a pickle or a numpy array."""
+    """What the first bytes of a file say it is, when that is a pickle (any protocol) or a numpy array.
+
+    Protocols 2 and later start with opcode ``0x80``; protocols 0 and 1 have no header, so the bytes are parsed as
+    pickle opcodes (:mod:`pickletools`): a stream that parses to its STOP opcode, or fills the whole window without
+    an invalid opcode, is a pickle. Text files fail within a few bytes (JSON, Markdown, merges lists)."""
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return f"a pickle stream (protocol {head[1]})"
     if head.startswith(b"\x93NUMPY"):
         return "a numpy .npy array (it can hold pickled objects)"
+    if head and _parses_as_pickle(head):
+        return "a pickle stream (protocol 0 or 1)"
     return None
+
+
+def _parses_as_pickle(data: bytes) -> bool:
+    import pickletools
+
+    operations = 0
+    try:
+        for opcode, _, _ in pickletools.genops(io.BytesIO(data)):
+            operations += 1
+            if opcode.name == "STOP":
+                return operations > 1
+    except Exception:  # noqa: BLE001 - any parse failure means "not a pickle stream"
+        # Running out of the window after many valid opcodes is a long pickle, not text.
+        return len(data) >= SNIFF_BYTES and operations >= 64
+    return len(data) >= SNIFF_BYTES and operations >= 64
 
 
 def _is_kind(value: Any, kind: type) -> bool:

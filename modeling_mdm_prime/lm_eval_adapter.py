@@ -13,8 +13,11 @@ Every number this model returns is built from the valid bound (README "Honest li
 * ``loglikelihood_rolling``: lm-eval's disjoint rolling windows with the end-of-text prefix; each window's
   conditional bound with its own context clean, summed (a bound on the whole text's log-likelihood).
 * ``generate_until``: batched ``model.generate()``; requests are grouped by their settings and ``max_gen_toks``
-  and each is cut exactly at its first stop string. A row's noise depends only on (seed, its prompt), so the
-  output of a request never depends on the batch it ran in.
+  and each is cut exactly at its first stop string. A row's noise depends only on (seed, its prompt, how many
+  identical requests came before it), so the output of a request never depends on the batch it ran in, and K
+  identical requests (``repeats: K``) are K independent samples.
+* ``is_greedy`` (``loglikelihood``'s second value) is computed by default by iterative argmax unmasking of the
+  continuation; ``is_greedy=False`` in ``--model_args`` skips it.
 
 lm-eval 0.4.x has no plugin or entry-point discovery for models, so the model is registered when this module is
 imported::
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import math
 import sys
@@ -92,6 +96,12 @@ def request_seed(seed: int, *token_lists: Sequence[int]) -> int:
         digest.update(len(tokens).to_bytes(8, "little"))
         digest.update(b"".join(int(t).to_bytes(8, "little") for t in tokens))
     return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def occurrence_seed(seed: int, occurrence: int) -> int:
+    """The generation seed of the ``occurrence``-th identical request (0: ``seed`` itself, so a request that is not
+    repeated keeps its output; k > 0: a seed derived from both, independent of the batch)."""
+    return int(seed) if occurrence == 0 else request_seed(seed, [occurrence]) % 2**62
 
 
 def draw_count_noise(
@@ -240,8 +250,10 @@ class MDMPrimeLM(TemplateLM):
         max_length: the model's window in tokens (default: ``max_position_embeddings``).
         mc_samples: Monte-Carlo draws per scored window (network rows per window).
         seed: base seed; each window / prompt derives its own from it and its tokens.
-        is_greedy: compute ``is_greedy`` by iterative argmax unmasking (up to |cont| network calls per request).
-            Off by default: the returned flag is then False.
+        is_greedy: compute ``is_greedy`` by iterative argmax unmasking (on by default: LAMBADA's ``acc`` and
+            multiple-choice ``exact_match`` read it). It costs up to |cont| extra network calls per batch of
+            requests; ``is_greedy=False`` skips it for tasks that only read log-likelihoods (the flag is then
+            False, and a task that reads it reports 0).
         rolling_context_len: tokens of context each rolling window after the first conditions on (lm-eval's
             ``context_len``; 1 = its default).
         add_bos_token, prefix_token_id: as for lm-eval's ``hf`` model.
@@ -265,7 +277,7 @@ class MDMPrimeLM(TemplateLM):
         max_length: int | None = None,
         mc_samples: int = 32,
         seed: int = 1234,
-        is_greedy: bool = False,
+        is_greedy: bool = True,
         rolling_context_len: int = 1,
         add_bos_token: bool = False,
         prefix_token_id: int | None = None,
@@ -600,48 +612,62 @@ class MDMPrimeLM(TemplateLM):
             raise ValueError(f"max_gen_toks must be in [1, {self.max_length - 1}] for this model, got {max_gen}.")
         return until, max_gen, settings
 
+    def _generate_batch(self, contexts: list[str], config, max_gen: int, limit: int, seed: int) -> list[str]:
+        """One left-padded ``generate()`` call; each row's text up to its first EOS token."""
+        encoded = [(self.tok_encode(c) or [self.prefix_token_id])[-limit:] for c in contexts]
+        width = max(map(len, encoded))
+        ids = torch.full((len(contexts), width), self.model.config.pad_token_id or 0, dtype=torch.long)
+        real = torch.zeros_like(ids)
+        for row, enc in enumerate(encoded):  # left padding: new tokens follow every prompt at column width
+            ids[row, width - len(enc) :] = torch.tensor(enc)
+            real[row, width - len(enc) :] = 1
+        out = self.model.generate(
+            ids.to(self.device),
+            attention_mask=real.to(self.device),
+            generation_config=config,
+            max_new_tokens=max_gen,
+            seed=seed,
+        )
+        texts = []
+        for row in range(len(contexts)):
+            generated = out[row, width:].tolist()
+            if self.eot_token_id in generated:
+                generated = generated[: generated.index(self.eot_token_id)]
+            texts.append(self.tok_decode(generated))
+        return texts
+
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Batched ``generate()``: requests with the same settings and ``max_gen_toks`` share batches (identical
-        prompts are generated once), every request is cut at the first EOS token and then exactly at the first
-        occurrence of any of its own stop strings."""
+        """Batched ``generate()``: requests with the same settings and ``max_gen_toks`` share batches (repeated
+        identical requests are independent samples, each with its own seed: :func:`occurrence_seed`), every request
+        is cut at the first EOS token and then exactly at the first occurrence of any of its own stop strings."""
         parsed = [(ctx, *self._request_settings(kw)) for ctx, kw in (req.args for req in requests)]
-        groups: dict[tuple, dict[str, list[int]]] = {}
+        # The k-th of several identical requests (same context and generation kwargs: lm-eval's ``repeats``,
+        # self-consistency, pass@k) is occurrence k and draws its noise from occurrence_seed(seed, k): K identical
+        # requests are K independent samples, and a request's output depends only on (seed, its occurrence, its
+        # prompt), never on the batch it ran in. Requests that differ only in their stop strings share a sample.
+        seen: dict[tuple[str, str], int] = {}
+        groups: dict[tuple, dict[tuple[str, int], list[int]]] = {}
         for index, (ctx, _, max_gen, settings) in enumerate(parsed):
-            key = (max_gen, tuple(sorted(settings.items())))
-            groups.setdefault(key, {}).setdefault(ctx, []).append(index)
+            key = (ctx, json.dumps(requests[index].args[1], sort_keys=True, default=str))
+            occurrence = seen[key] = seen.get(key, -1) + 1
+            groups.setdefault((max_gen, tuple(sorted(settings.items()))), {}).setdefault((ctx, occurrence), [])
+            groups[(max_gen, tuple(sorted(settings.items())))][(ctx, occurrence)].append(index)
         texts: list[str | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="mdm_prime generate_until")
-        for (max_gen, settings), by_context in groups.items():
+        for (max_gen, settings), rows in groups.items():
             config = self._generation_config(dict(settings))
             limit = self.max_length - max_gen
-            prompts = sorted(by_context, key=lambda c: -len(c))
-            for start in range(0, len(prompts), self.batch_size):
-                batch = prompts[start : start + self.batch_size]
-                encoded = [(self.tok_encode(c) or [self.prefix_token_id])[-limit:] for c in batch]
-                width = max(map(len, encoded))
-                ids = torch.full((len(batch), width), self.model.config.pad_token_id or 0, dtype=torch.long)
-                real = torch.zeros_like(ids)
-                for row, enc in enumerate(encoded):  # left padding: new tokens follow every prompt at column width
-                    ids[row, width - len(enc) :] = torch.tensor(enc)
-                    real[row, width - len(enc) :] = 1
-                out = self.model.generate(
-                    ids.to(self.device),
-                    attention_mask=real.to(self.device),
-                    generation_config=config,
-                    max_new_tokens=max_gen,
-                    seed=self.seed,
-                )
-                for row, context in enumerate(batch):
-                    generated = out[row, width:].tolist()
-                    if self.eot_token_id in generated:
-                        generated = generated[: generated.index(self.eot_token_id)]
-                    text = self.tok_decode(generated)
-                    for index in by_context[context]:
-                        until = parsed[index][1]
-                        texts[index] = postprocess_generated_text(text, until, None)
-                        self.cache_hook.add_partial("generate_until", requests[index].args, texts[index])
-                        pbar.update(1)
+            for occurrence in sorted({k for _, k in rows}):
+                prompts = sorted((c for c, k in rows if k == occurrence), key=len, reverse=True)
+                seed = occurrence_seed(self.seed, occurrence)
+                for start in range(0, len(prompts), self.batch_size):
+                    batch = prompts[start : start + self.batch_size]
+                    for context, text in zip(batch, self._generate_batch(batch, config, max_gen, limit, seed)):
+                        for index in rows[(context, occurrence)]:
+                            texts[index] = postprocess_generated_text(text, parsed[index][1], None)
+                            self.cache_hook.add_partial("generate_until", requests[index].args, texts[index])
+                            pbar.update(1)
         pbar.close()
         return texts
 

@@ -322,6 +322,82 @@ def discrete_step_terms(
     return -log_probs[:, 0]
 
 
+def discrete_reveal_weights(
+    alphas: torch.Tensor,
+    counts: torch.Tensor,
+    sizes: torch.Tensor,
+    num_sub_tokens: int,
+    steps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weights of the discrete-time bound's terms, with the step's reveal set (and, for a time-independent network,
+    the step itself) integrated out exactly.
+
+    The T-step bound is ``L_T = Σ_{i=1..T} E_{y_{t_i}} E_U[-log p̄(y0^U | y_{t_i})]`` with t_i = i/T, where the step
+    t_i -> t_{i-1} reveals each masked digit independently with probability ``r_i = (α_{i-1} - α_i) / (1 - α_i)``.
+    For a token with m masked digits, a reveal set U of its masked digits has probability ``r_i^u (1 - r_i)^(m-u)``
+    (u = |U|), so ``E_U`` is a sum over the 2^m subsets (:func:`discrete_expected_step_terms`). A sample draws i
+    uniformly, masks every one of the N maskable digits with probability 1 - α_i, and observes k masked digits.
+    Given k the masked set is a uniform k-subset whatever i was, and i is distributed as
+    ``π(i | k) ∝ (1 - α_i)^k α_i^(N-k)``. So, with the token terms c(U) of a time-independent network,
+
+        ``W[u, m] = T Σ_i π(i | k) r_i^u (1 - r_i)^(m - u)``
+
+    gives the unbiased estimate ``Σ_tokens Σ_{∅ ≠ U ⊆ M} W[u, m] c(U)`` of L_T. A time-conditioned network's terms
+    depend on i, so it keeps the sampled step (already a draw from π(i | k)): ``W[u, m] = T r_i^u (1 - r_i)^(m-u)``.
+    As T -> ∞ the first form tends to the count estimator's N/k weighting; at T = 1 it is exact.
+
+    Args:
+        alphas: ``(T + 1,)`` float64 α(i / T) for i = 0..T (α(0) = 1, α(1) = 0 on the endpoint-exact schedule).
+        counts: ``(B,)`` k, masked digits per row; sizes: ``(B,)`` N, maskable digits per row.
+        steps: ``(B,)`` sampled steps i in 1..T (time-conditioned networks), or None to integrate i out.
+    Returns:
+        ``(B, ℓ + 1, ℓ + 1)`` float64 ``W[b, u, m]`` (0 unless 1 <= u <= m <= ℓ).
+    """
+    alphas = alphas.to(torch.float64)
+    num_steps = alphas.numel() - 1
+    after, before = alphas[1:], alphas[:-1]  # α_i and α_{i-1}, i = 1..T
+    reveal = ((before - after) / (1 - after).clamp_min(torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0)  # (T,)
+    counts, sizes = counts.to(torch.float64).unsqueeze(1), sizes.to(torch.float64).unsqueeze(1)
+    if steps is None:
+        log_joint = torch.xlogy(counts, 1 - after) + torch.xlogy(sizes - counts, after)  # (B, T), up to C(N, k)
+        posterior = torch.softmax(log_joint, dim=1)
+    else:
+        posterior = F.one_hot(steps.long() - 1, num_steps).to(torch.float64)
+    ell = num_sub_tokens
+    weights = torch.zeros(counts.shape[0], ell + 1, ell + 1, dtype=torch.float64, device=counts.device)
+    for m in range(1, ell + 1):
+        for u in range(1, m + 1):
+            weights[:, u, m] = num_steps * (posterior * reveal.pow(u) * (1 - reveal).pow(m - u)).sum(1)
+    return weights
+
+
+def discrete_expected_step_terms(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    weights: torch.Tensor,
+    codec: SubTokenCodec,
+    carry_over: bool = True,
+) -> torch.Tensor:
+    """A discrete-time step's bound terms with its reveal set summed out: ``Σ_{∅ ≠ U ⊆ M_n} W[|U|, |M_n|]
+    (-log p̄(y^U = y0^U | y_t))`` per token, ``(N,)`` float64, where M_n are token n's masked digits.
+
+    Args:
+        logits: ``(N, C)``; targets: ``(N,)``; masked: ``(N, ℓ)`` bool, the masked digits of y_t.
+        weights: ``(N, ℓ + 1, ℓ + 1)`` each token's row of :func:`discrete_reveal_weights`.
+    """
+    ell = codec.num_sub_tokens
+    subsets = torch.arange(1 << ell, device=targets.device)  # every U as a bitmask (bit j <-> digit j)
+    sizes = sum((subsets >> j) & 1 for j in range(ell))  # |U|
+    masked_bits = codec.digits_to_bits(masked)  # (N,)
+    inside = (subsets.unsqueeze(0) & ~masked_bits.unsqueeze(1)) == 0  # U ⊆ M_n; U = ∅ has weight 0 below
+    u = sizes.unsqueeze(0).expand(len(targets), -1)
+    m = masked.sum(-1, keepdim=True).expand_as(u)
+    w = weights.gather(1, u.unsqueeze(-1).expand(-1, -1, ell + 1)).gather(2, m.unsqueeze(-1)).squeeze(-1)
+    log_probs = digit_set_log_probs(logits, targets, ~masked, subsets.expand(len(targets), -1), codec, carry_over)
+    return -(w * inside * log_probs.double()).sum(1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GenMD4: state-dependent schedules (method.md §2), ℓ = 1
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,6 +559,8 @@ def reinforce_leave_one_out(
 
 
 __all__ = [
+    "discrete_expected_step_terms",
+    "discrete_reveal_weights",
     "diffusion_terms",
     "genmd4_integrand",
     "genmd4_step_kl",

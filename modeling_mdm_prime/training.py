@@ -6,8 +6,9 @@ Not shipped as remote code. A run's settings are a dataclass ``cfg`` with the fi
 ``allow_inexact_resume``, ``allow_changed_settings``, ``cpu``, ``mixed_precision``,
 ``gradient_accumulation_steps`` and ``report_to``. Checkpoints hold accelerate's model, optimizer and RNG files
 plus the script's own state as JSON and safetensors (scheduler, EMA, settings); resuming never unpickles
-anything beyond tensors (``torch.load(weights_only=True)``) and refuses what would not continue the run exactly
-unless ``allow_inexact_resume`` / ``allow_changed_settings`` say otherwise.
+anything beyond tensors (``torch.load(weights_only=True)``) unless ``allow_unsafe_pickle`` allows it for the FSDP and
+DeepSpeed states that need it, and refuses what would not continue the run exactly unless ``allow_inexact_resume`` /
+``allow_changed_settings`` say otherwise.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ STATE_FORMAT = 2
 NEUTRAL_SETTINGS = frozenset({
     "output_dir", "resume_from_checkpoint", "stop_after_steps", "report_to", "log_every", "eval_every",
     "checkpoint_every", "keep_checkpoints", "allow_inexact_resume", "allow_changed_settings", "overwrite_output_dir",
+    "allow_unsafe_pickle",
 })  # fmt: skip
 
 
@@ -225,6 +227,7 @@ def save_checkpoint(accelerator: Accelerator, cfg, step: int, scheduler, ema: EM
             "step": step,
             "scheduler": scheduler.state_dict(),
             "ema_updates": ema.updates if ema is not None else None,
+            "device": accelerator.device.type,
             "settings": run_settings(cfg, accelerator),
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
@@ -318,8 +321,11 @@ def resume(
 ) -> dict:
     """Restore a checkpoint exactly, or raise ValueError saying why not. Returns the record of the resume.
 
-    Only tensors are unpickled (``weights_only=True``); any other file in the folder, such as a
-    ``custom_checkpoint_*.pkl``, is never loaded and is listed in a warning."""
+    One process or DDP: only tensors are unpickled (``weights_only=True``); any other file in the folder, such as a
+    ``custom_checkpoint_*.pkl``, is never loaded and is listed in a warning. FSDP and DeepSpeed states can only be
+    read by unpickling in full, so they are refused unless ``cfg.allow_unsafe_pickle``; a missing random-state file
+    there, or a checkpoint written on another device type (CPU -> GPU), is an inexact resume (refused unless
+    ``cfg.allow_inexact_resume``)."""
     state = read_trainer_state(path)
     step, inexact = state["step"], []
     if state.get("format") != STATE_FORMAT:
@@ -341,11 +347,30 @@ def resume(
         logger.warning(
             f"{path}: ignored (never loaded, pickles are not trusted): {', '.join(ignored)}", main_process_only=True
         )
+    saved_device, device = state.get("device"), accelerator.device.type
+    if saved_device is not None and saved_device != device:
+        inexact.append(
+            f"the checkpoint was written on {saved_device} and this run is on {device}: the weights, optimizer and "
+            f"data order carry over, but the {device} random generator cannot take the {saved_device} one's state "
+            "(masks and dropout draw other numbers) and the kernels round differently, so the run will not follow "
+            "the uninterrupted one"
+        )
     special = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if special:
         if any(name.startswith("custom_checkpoint_") for name in ignored):
             raise ValueError(f"{path}: holds custom_checkpoint_*.pkl files, which are never loaded; remove them.")
-        accelerator.load_state(str(path))  # sharded states; accelerate reads tensors with weights_only=True
+        if not getattr(cfg, "allow_unsafe_pickle", False):
+            raise ValueError(
+                f"{path}: resuming {accelerator.distributed_type.value} state unpickles files in full (FSDP's sharded "
+                "state through torch.distributed.checkpoint, whose .metadata is read with pickle.load; DeepSpeed's "
+                "states with torch.load(weights_only=False)), which runs any code a hostile checkpoint names. Pass "
+                "--allow_unsafe_pickle if you trust this checkpoint (you wrote it); one-process and DDP resumes need "
+                "no such flag (tensors only)."
+            )
+        rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+        if not rng_file.is_file():  # accelerate would go on without it, silently inexact
+            inexact.append(f"{rng_file} is missing, so this process's random streams would restart")
+        accelerator.load_state(str(path))
     else:
         check_model_file(path / MODEL_FILE, accelerator.unwrap_model(model))
         optimizer_state = safe_torch_load(path / OPTIMIZER_FILE)
@@ -413,6 +438,27 @@ def find_checkpoint(cfg) -> Path | None:
             )
         return done[-1]
     return Path(cfg.resume_from_checkpoint)
+
+
+def end_run(accelerator: Accelerator | None = None) -> None:
+    """End a script's run: every process waits for the others, trackers are closed (accelerate's
+    ``end_training``), and the process group is destroyed now, while the interpreter is fully alive.
+
+    Left to interpreter shutdown, gloo's ``~ProcessGroupGloo`` joins its worker thread while holding the GIL, and the
+    worker may be waiting for the GIL to release its last work object (a barrier's): a CPU DDP run that has written
+    everything then never exits. ``end_training`` destroys the group in current accelerate, but not for
+    fork-launched processes nor in every version, so the group is destroyed here too, and lingering work objects
+    are collected before shutdown."""
+    import gc
+
+    import torch.distributed as dist
+
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def make_accelerator(cfg, run_name: str) -> Accelerator:

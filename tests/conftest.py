@@ -11,8 +11,37 @@ import torch  # noqa: E402
 
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion  # noqa: E402
 
-# The real GPT-2 tokenizer, from the shared folder that sits beside the repository.
-GPT2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-tokenizer" / "tokenizer.json"
+GPT2_SHA256 = "311f7262f89ffe8757683fda3c081a5cac5a885dc311264791a17d2a18499a4f"
+
+
+def _gpt2_tokenizer() -> Path:
+    """The real GPT-2 tokenizer committed under tests/data (xz-compressed; see its PROVENANCE.md), unpacked once
+    per machine into a temporary folder (atomically, so parallel sessions and subprocesses share it)."""
+    import hashlib
+    import lzma
+    import shutil
+    import tempfile
+
+    source = Path(__file__).resolve().parent / "data" / "gpt2-tokenizer"
+    folder = Path(tempfile.gettempdir()) / f"mdm-prime-tests-gpt2-{GPT2_SHA256[:12]}"
+    target = folder / "tokenizer.json"
+    if not target.is_file() or hashlib.sha256(target.read_bytes()).hexdigest() != GPT2_SHA256:
+        staging = Path(tempfile.mkdtemp(prefix="gpt2-", dir=tempfile.gettempdir()))
+        data = lzma.decompress((source / "tokenizer.json.xz").read_bytes())
+        if hashlib.sha256(data).hexdigest() != GPT2_SHA256:
+            raise RuntimeError(f"{source / 'tokenizer.json.xz'} does not unpack to the GPT-2 tokenizer (SHA-256).")
+        (staging / "tokenizer.json").write_bytes(data)
+        shutil.copy(source / "tokenizer_config.json", staging / "tokenizer_config.json")
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process won the race: its copy is the same
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# The real GPT-2 tokenizer (tokenizer.json; its folder also holds tokenizer_config.json): from the repository.
+GPT2_TOKENIZER = _gpt2_tokenizer()
 
 
 def tiny_config(**overrides) -> MDMPrimeConfig:

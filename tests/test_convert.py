@@ -30,6 +30,9 @@ omegaconf = pytest.importorskip("omegaconf")  # the test extra: real OmegaConf o
 VOCAB = 50257  # GPT-2: the converted model uses its tokenizer
 D, HEADS, BLOCKS, COND, FREQ, LENGTH = 32, 4, 2, 16, 256, 64
 TOKENIZER = str(GPT2_TOKENIZER.parent)
+# A float32 forward pass against the float32 reference: up to 1.3e-5 measured (ℓ = 2 raw weights, torch 2.13 CPU),
+# from rounding in different reduction orders. The fold itself is checked to ~1e-14 in float64.
+FLOAT32_TOLERANCE = 5e-5
 
 
 # -- the reference DiT ----------------------------------------------------------------------------------------------
@@ -319,7 +322,7 @@ def test_mdlm_folder_matches_reference(tmp_path):
     # A publishable folder: check_checkpoint passes; the card names the source, its licence and the conversion.
     check_checkpoint(out)
     card = (out / "README.md").read_text()
-    assert "## Conversion" in card and str(source) in card and "folded" in card
+    assert "## Conversion" in card and source.name in card and str(source) not in card and "folded" in card
     record = json.loads((out / "conversion.json").read_text())
     assert record["dropped_mask_row"] is True and len(record["source"]["sha256"]["model.safetensors"]) == 64
 
@@ -334,7 +337,7 @@ def test_ckpt_uses_ema_and_matches_reference(tmp_path, ell, carry_over):
     assert model.config.num_sub_tokens == ell and model.config.carry_over is carry_over
     diff = compare(model, ema, ell, carry_over)
     print(f"MDM-Prime .ckpt ℓ={ell} carry_over={carry_over}: max |Δ log p| vs EMA reference = {diff:.2e}")
-    assert diff < 1e-5
+    assert diff < FLOAT32_TOLERANCE
     # The raw weights give a different function: the EMA list, not the state_dict, was converted.
     sub_ids = masked_inputs(ell)
     away = (model.denoise(sub_ids) - reference_log_probs(raw, sub_ids, ell, carry_over)).nan_to_num(0, 0, 0)
@@ -344,9 +347,9 @@ def test_ckpt_uses_ema_and_matches_reference(tmp_path, ell, carry_over):
         got = model.denoise(sub_ids, consistency_filter=True)
         want = reference_log_probs(ema, sub_ids, ell, True)
         assert torch.equal(torch.isinf(got), torch.isinf(want))
-        assert (got - want)[torch.isfinite(want)].abs().max() < 1e-5
+        assert (got - want)[torch.isfinite(want)].abs().max() < FLOAT32_TOLERANCE
     raw_model = load(convert_checkpoint(path, tmp_path / "raw", tokenizer=TOKENIZER, use_ema=False))
-    assert compare(raw_model, raw, ell, carry_over) < 1e-5
+    assert compare(raw_model, raw, ell, carry_over) < FLOAT32_TOLERANCE
     assert "EMA" in json.loads((out / "conversion.json").read_text())["source"]["weights"]
 
 

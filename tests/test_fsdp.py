@@ -57,7 +57,8 @@ def test_fsdp_matches_data_parallel_resumes_exactly_and_saves_a_loadable_model(t
     checkpoint = resumed / "checkpoints" / "checkpoint-3"
     # Really FSDP: accelerate wrote its FSDP model state, which a DDP or single-process run never does.
     assert any(p.name.startswith("pytorch_model_fsdp") for p in checkpoint.iterdir()), sorted(checkpoint.iterdir())
-    launch([*GPU_ARGS, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], processes, fsdp=True)
+    resume = ["--resume_from_checkpoint", "latest", "--allow_unsafe_pickle"]  # FSDP state: DCP unpickles in full
+    launch([*GPU_ARGS, "--output_dir", str(resumed), *resume], processes, fsdp=True)
     for run_dir in ("reference", "fsdp", "resumed"):
         assert json.loads((tmp_path / run_dir / "logs" / "config.json").read_text())["num_processes"] == processes
 

@@ -68,12 +68,12 @@ def test_loglikelihood_converges_to_the_exact_conditional_with_an_oracle(ell):
     requests = [(None, ctx, cont) for ctx, cont in cases]
     stderrs = {}
     for mc_samples in (16, 256):
-        lm = MDMPrimeLM(oracle, mc_samples=mc_samples, seed=0)
+        lm = MDMPrimeLM(oracle, mc_samples=mc_samples, seed=0, is_greedy=False)
         results = lm._loglikelihood_tokens(requests)
         stderrs[mc_samples] = torch.tensor([e.stderr for e in lm.last_estimates["loglikelihood"]])
         for (ctx, cont), (ll, greedy), est in zip(cases, results, lm.last_estimates["loglikelihood"], strict=True):
             exact = exact_conditional(sequences, probs, ctx, cont)
-            assert greedy is False  # not computed unless asked for
+            assert greedy is False  # not computed: is_greedy=False
             assert est.num_tokens == len(cont)
             # An exact denoiser makes the conditional bound tight: the estimate is unbiased for log p(cont | ctx).
             # (One token with ℓ = 1 has N = 1 element: every draw masks it, the estimate is exact, s.e. 0.)
@@ -262,3 +262,34 @@ def test_lm_eval_cli_runs_the_local_tasks_on_one_and_two_processes(tmp_path):
     _, split = read_run(tmp_path / "two")
     for task in ("mdm_prime_mc", "mdm_prime_gen"):
         assert [d["resps"] for d in split[task]] == [d["resps"] for d in samples[task]]
+
+
+def test_repeated_identical_requests_are_independent_samples(reference_lm):
+    """lm-eval's ``repeats: K`` (self-consistency, pass@k) sends K identical requests: K samples, not one K times.
+    Each stays a pure function of (seed, occurrence, prompt): the same list gives the same texts again, the first
+    occurrence is what a single request gives, and batching does not matter."""
+    lm = reference_lm
+    kwargs = {"until": [], "max_gen_toks": 12, "do_sample": True, "temperature": 1.0}
+    reqs = [request("generate_until", "ROMEO:", dict(kwargs)) for _ in range(4)]
+    reqs.insert(2, request("generate_until", "JULIET:", dict(kwargs)))
+    texts = lm.generate_until(reqs)
+    romeo = [texts[i] for i in (0, 1, 3, 4)]
+    assert len(set(romeo)) == 4, romeo
+    assert lm.generate_until(reqs) == texts
+    assert lm.generate_until([reqs[0]]) == [texts[0]] and lm.generate_until([reqs[2]]) == [texts[2]]
+    assert lm.generate_until(reqs[:2]) == texts[:2]
+
+
+def test_is_greedy_is_computed_by_default():
+    vocab = 5
+    sequences, probs = random_distribution(vocab, 4, seed=5)
+    top = probs.argmax()
+    probs = probs * 0.1 / (probs.sum() - probs[top])
+    probs[top] = 0.9
+    oracle = OracleModel(oracle_config(vocab, 2), sequences, probs.double()).eval()
+    best = sequences[top].tolist()
+    requests = [(None, best[:2], best[2:])]
+    ((_, greedy),) = MDMPrimeLM(oracle, mc_samples=2)._loglikelihood_tokens(requests)
+    assert greedy is True
+    ((_, skipped),) = MDMPrimeLM(oracle, mc_samples=2, is_greedy=False)._loglikelihood_tokens(requests)
+    assert skipped is False

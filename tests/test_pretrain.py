@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from test_remote_code import tf4_python
 from transformers import HfArgumentParser
@@ -351,3 +353,32 @@ def test_an_fsdp_launch_that_cannot_shard_is_refused(tmp_path):
     assert result.returncode != 0
     assert "asks for FSDP, but accelerate runs it as" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_fsdp_or_deepspeed_state_needs_the_unsafe_pickle_opt_in(single_run, tmp_path, monkeypatch):
+    """FSDP / DeepSpeed states are read with full unpickling (DCP's .metadata, DeepSpeed's torch.load): refused
+    unless --allow_unsafe_pickle; with it, a missing random-state file is still an inexact resume. Here the
+    one-process run is made to take the FSDP branch of training.resume (FSDP itself needs GPUs)."""
+    from types import SimpleNamespace
+
+    from modeling_mdm_prime import training
+
+    loads = []
+    monkeypatch.setattr(training, "DistributedType", SimpleNamespace(FSDP=DistributedType.NO, DEEPSPEED=None))
+    monkeypatch.setattr(Accelerator, "load_state", lambda self, path: loads.append(path))
+    message = resume_error(single_run, tmp_path, lambda checkpoint: None)
+    assert "unpickles files in full" in message and "--allow_unsafe_pickle" in message and not loads
+    message = resume_error(
+        single_run, tmp_path, lambda checkpoint: (checkpoint / "random_states_0.pkl").unlink(), "--allow_unsafe_pickle"
+    )
+    assert "cannot resume exactly" in message and "random_states_0.pkl is missing" in message and len(loads) == 1
+
+
+def test_resume_on_another_device_type_is_refused_with_what_changes(single_run, tmp_path):
+    def written_on_cuda(checkpoint: Path) -> None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        state["device"] = "cuda"
+        (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+
+    message = resume_error(single_run, tmp_path, written_on_cuda)
+    assert "written on cuda and this run is on cpu" in message and "--allow_inexact_resume" in message

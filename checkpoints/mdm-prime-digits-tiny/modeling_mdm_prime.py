@@ -31,7 +31,8 @@ from .configuration_mdm_prime import MDMPrimeConfig
 from .generation_mdm_prime import MDMPrimeGenerationConfig, MDMPrimeGenerationMixin
 from .losses_mdm_prime import (
     diffusion_terms,
-    discrete_step_terms,
+    discrete_expected_step_terms,
+    discrete_reveal_weights,
     genmd4_integrand,
     genmd4_step_kl,
     reinforce_leave_one_out,
@@ -107,13 +108,13 @@ class MDMPrimeNLLOutput(ModelOutput):
 class _Corruption:
     """One draw of the forward process: ``masked`` ``(B, L, ℓ)``, the per-sequence ``weight`` ``(B,)`` of the
     continuous-time estimators, α and t ``(B,)`` (None for the count estimator), and the discrete-time
-    step's ``reveal_probability`` ``(B,)``."""
+    ``step`` i in 1..T ``(B,)``."""
 
     masked: torch.Tensor
     weight: torch.Tensor | None
     alpha: torch.Tensor | None
     t: torch.Tensor | None
-    reveal_probability: torch.Tensor | None = None
+    step: torch.Tensor | None = None
 
 
 def rotary_cos_sin(
@@ -535,7 +536,7 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
           t ~ Beta(k, N - k + 1) (:func:`sample_mask_counts`). Unbiased, weights bounded by N;
         * continuous time at given ``timesteps``: mask with probability 1 - α_t, weight ``w(t) = -α'/(1 - α)``;
         * discrete time: step i = 1 + floor(strata · T), t = i/T, s = (i-1)/T, mask with probability 1 - α_t;
-          the caller draws the step's reveal set with ``reveal_probability``.
+          the caller sums the step's reveal set out (:func:`discrete_reveal_weights`).
         """
         if timesteps is None and num_steps is None:
             masked, weight, level = sample_mask_counts(
@@ -548,9 +549,8 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         if num_steps is not None:
             step = torch.floor(strata.double() * num_steps) + 1
             t = step / num_steps
-            reveal = schedule.reveal_probability(t, (step - 1) / num_steps)
             alpha = schedule.alpha(t)
-            return _Corruption(sample_masks(clean.shape, alpha, maskable, generator), None, alpha, t, reveal)
+            return _Corruption(sample_masks(clean.shape, alpha, maskable, generator), None, alpha, t, step.long())
         t = timesteps
         alpha = schedule.alpha(t)
         return _Corruption(sample_masks(clean.shape, alpha, maskable, generator), schedule.weight(t).double(), alpha, t)
@@ -801,6 +801,9 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             ``L = E_t[ w(t) Σ_i Σ_{j masked} -log p̄(y0^{i,j} | y_t) ]``
         Discrete time with T steps (t_i = i/T): ``L_T = T · E_{i, y_t, U}[ Σ_i -log p̄(y0^U | y_t) ]`` where U is
         the set of masked digits the step t_i -> t_{i-1} reveals (each with probability (α_s - α_t)/(1 - α_t)).
+        A sample draws the step (stratified over the K samples) and y_t; the expectation over U is taken exactly
+        (a sum over the subsets of each token's masked digits) and, for a time-independent network, so is the one
+        over the step given how many digits are masked (:func:`discrete_reveal_weights`).
 
         Both use the endpoint-exact schedule (α(0) = 1, α(1) = 0), so nothing is dropped. In continuous time
         every network is scored with the count estimator (:func:`sample_mask_counts`: k masked elements with
@@ -822,6 +825,8 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         clean = self.codec.encode(ids, check=False)
         u = torch.rand(batch, 1, generator=generator, device=device, dtype=torch.float64)
         strata = torch.remainder(u + torch.arange(num_samples, device=device) / num_samples, 1.0)  # (B, K)
+        if num_steps is not None:
+            alphas = schedule.alpha(torch.arange(num_steps + 1, device=device, dtype=torch.float64) / num_steps)
         valid_samples = torch.zeros(batch, num_samples, dtype=torch.float64, device=device)
         prime_samples = torch.zeros_like(valid_samples)
         was_training = self.training
@@ -842,12 +847,20 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
                     valid_samples[:, k] *= noise.weight
                     prime_samples[:, k] *= noise.weight
                 else:
-                    coins = torch.rand(masked.shape, generator=generator, device=device, dtype=torch.float64)
-                    reveal = masked & (coins < noise.reveal_probability.view(-1, 1, 1))
-                    terms = discrete_step_terms(
-                        logits, ids[rows], masked[rows], reveal[rows], self.codec, self.config.carry_over
+                    # The reveal set is summed out exactly and, for a time-independent network, so is the step
+                    # given the number of masked digits (discrete_reveal_weights): far less variance than one
+                    # sampled step and reveal set times T.
+                    weights = discrete_reveal_weights(
+                        alphas,
+                        masked.sum((1, 2)),
+                        scored.sum(1) * self.codec.num_sub_tokens,
+                        self.codec.num_sub_tokens,
+                        steps=noise.step if self.config.time_conditioning else None,
                     )
-                    valid_samples[:, k].index_add_(0, row_batch, terms.double() * num_steps)
+                    terms = discrete_expected_step_terms(
+                        logits, ids[rows], masked[rows], weights[row_batch], self.codec, self.config.carry_over
+                    )
+                    valid_samples[:, k].index_add_(0, row_batch, terms)
         finally:
             self.train(was_training)
 
