@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from modeling_mdm_prime import MDMPrimeForImageDiffusion
-from modeling_mdm_prime.image_data import load_digits_split, save_image_grid
-from modeling_mdm_prime.image_metrics import DigitsMetrics
+from modeling_mdm_prime.tools.image_data import load_digits_split, save_image_grid
+from modeling_mdm_prime.tools.image_metrics import DigitsMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

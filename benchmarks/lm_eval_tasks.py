@@ -27,7 +27,7 @@ import lm_eval
 import torch
 from lm_eval.tasks import TaskManager
 
-from modeling_mdm_prime.lm_eval_adapter import MDMPrimeLM
+from modeling_mdm_prime.tools.lm_eval_adapter import MDMPrimeLM
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["mdm_prime_mc", "mdm_prime_ppl", "mdm_prime_gen", "mdm_prime_gen_word"]

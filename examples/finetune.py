@@ -3,7 +3,7 @@
 The Trainer optimises the model's own forward loss (the valid bound by default, in nats per scored token).
 
 * Documents (``.txt``: one document per file; JSON(L) with a ``text`` column: one per record; the rule of
-  ``modeling_mdm_prime.data``, the same in every script): packed into ``--block_size`` blocks with EOS between
+  ``modeling_mdm_prime.tools.data``, the same in every script): packed into ``--block_size`` blocks with EOS between
   documents; every position is scored.
 * Prompt/response pairs (JSON(L) with ``prompt`` and ``response``), supervised fine-tuning as LLaDA does it: the
   sequence is prompt + response + EOS, filled up to ``--block_size`` with more EOS tokens, and everything after
@@ -36,8 +36,8 @@ from datasets import Dataset, load_dataset
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from modeling_mdm_prime import make_tokenizer_portable
-from modeling_mdm_prime.data import JSON_SUFFIXES, read_documents
-from modeling_mdm_prime.training import end_run
+from modeling_mdm_prime.tools.data import JSON_SUFFIXES, read_documents
+from modeling_mdm_prime.tools.training import end_run
 
 LORA_TARGETS = ["attn_qkv", "attn_out", "fc_in", "fc_out"]  # every Linear in the transformer blocks
 VALIDATION_FRACTION, VALIDATION_CAP = 0.1, 256
@@ -65,7 +65,7 @@ class ScriptArguments:
 
 
 def read_examples(path: str) -> Dataset:
-    """Prompt/response pairs (a JSON(L) file with both columns) or documents (``modeling_mdm_prime.data`` rule)."""
+    """Prompt/response pairs (a JSON(L) file with both columns) or documents (the ``tools.data`` rule)."""
     if set(Path(path).suffixes) & JSON_SUFFIXES:
         data = load_dataset("json", data_files=path, split="train")
         if {"prompt", "response"} <= set(data.column_names):

@@ -11,7 +11,7 @@ per CPU-minute that ``benchmarks/default_budget.py`` found (2 layers of width 19
     python examples/pretrain.py --resume_from_checkpoint latest        # exact resume, or an error saying why not
     python examples/pretrain.py --noise_schedule learnable_polynomial  # GenMD4 (ℓ = 1, time conditioned)
 
-The corpus, tokenizer and packing code is in ``modeling_mdm_prime.data``. Checkpoints hold accelerate's model,
+The corpus, tokenizer and packing code is in ``modeling_mdm_prime.tools.data``. Checkpoints hold accelerate's model,
 optimizer and RNG files plus this script's own state as JSON and safetensors (scheduler, EMA, settings); resuming
 never unpickles anything beyond tensors (``torch.load(weights_only=True)``; FSDP and DeepSpeed states, which need
 full unpickling, only with ``--allow_unsafe_pickle``) and refuses what would not continue the run exactly unless
@@ -37,8 +37,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion, make_tokenizer_portable, training
-from modeling_mdm_prime.data import (  # noqa: F401 - re-exported for scripts that import them from here
+from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion, make_tokenizer_portable
+from modeling_mdm_prime.tools import training
+from modeling_mdm_prime.tools.data import (  # noqa: F401 - re-exported for scripts that import them from here
     BUNDLED_CORPUS,
     DataConfig,
     build_tokenizer,
@@ -46,7 +47,7 @@ from modeling_mdm_prime.data import (  # noqa: F401 - re-exported for scripts th
     read_documents,
     tokenize_blocks,
 )
-from modeling_mdm_prime.training import (  # noqa: F401 - the run machinery, shared with train_images.py
+from modeling_mdm_prime.tools.training import (  # noqa: F401 - the run machinery, shared with train_images.py
     EMA,
     EMA_FILE,
     MODEL_FILE,

@@ -27,7 +27,7 @@ import argparse
 import logging
 import sys
 
-from modeling_mdm_prime.hub import HubPublishError, publish_checkpoint, stage_checkpoint
+from modeling_mdm_prime.tools import HubPublishError, publish_checkpoint, stage_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ that loads with ``AutoModel.from_pretrained(dir, trust_remote_code=True)``.
         --batch_size 64 --horizontal_flip                                     # the paper's CIFAR-10 setting
     python examples/train_images.py --resume_from_checkpoint latest           # exact resume, or an error
 
-Checkpoints, EMA, resumption and tracking are ``modeling_mdm_prime.training``'s (shared with ``pretrain.py``).
+Checkpoints, EMA, resumption and tracking are ``modeling_mdm_prime.tools.training``'s (shared with ``pretrain.py``).
 Evaluate any checkpoint (bits per dimension, FID or the digits' classifier Fréchet distance against NFE) with
 ``examples/evaluate_images.py``.
 """
@@ -36,8 +36,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from modeling_mdm_prime import MDMPrimeForImageDiffusion, MDMPrimeImageConfig, training
-from modeling_mdm_prime.image_data import (
+from modeling_mdm_prime import MDMPrimeForImageDiffusion, MDMPrimeImageConfig
+from modeling_mdm_prime.tools import training
+from modeling_mdm_prime.tools.image_data import (
     dataset_to_tensors,
     load_digits_split,
     load_hf_image_dataset,

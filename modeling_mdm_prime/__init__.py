@@ -2,29 +2,20 @@
 
 Importing the package registers the classes with the Auto factories, so ``AutoModel.from_pretrained`` works
 on saved checkpoints without ``trust_remote_code``; checkpoints also carry the code for users who do not
-install the package. ``publish_checkpoint`` (in ``hub``, which is not shipped as remote code: only files named
-``*_mdm_prime.py`` are) pushes a checkpoint with its code, tokenizer and a generated model card to the Hub.
+install the package. The shipped code is exactly the ``*_mdm_prime.py`` files here; everything else (publishing,
+conversion, training machinery, data, lm-eval) lives in :mod:`modeling_mdm_prime.tools`, which is never shipped.
+``publish_checkpoint`` pushes a checkpoint with its code, tokenizer and a generated model card to the Hub.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .codec_mdm_prime import SubTokenCodec, integer_base
 from .configuration_mdm_prime import MDMPrimeConfig, MDMPrimeImageConfig
-from .convert import convert_checkpoint, restricted_torch_load
 from .generation_mdm_prime import (
     MDMPrimeGenerateOutput,
     MDMPrimeGenerationConfig,
     MDMPrimeGenerationMixin,
     MDMPrimeSamplerState,
-)
-from .hub import (
-    HubPublishError,
-    check_checkpoint,
-    make_tokenizer_portable,
-    publish_checkpoint,
-    render_model_card,
-    shipped_code_files,
-    stage_checkpoint,
 )
 from .losses_mdm_prime import (
     diffusion_terms,
@@ -84,6 +75,16 @@ from .schedules_mdm_prime import (
     get_noise_schedule,
     sample_times,
 )
+from .tools import (
+    HubPublishError,
+    check_checkpoint,
+    make_tokenizer_portable,
+    publish_checkpoint,
+    render_model_card,
+    shipped_code_files,
+    stage_checkpoint,
+)
+from .tools.convert import convert_checkpoint, restricted_torch_load
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Conversion of MDLM / MDM-Prime checkpoints (modeling_mdm_prime.convert), checked against an independent
+"""Conversion of MDLM / MDM-Prime checkpoints (modeling_mdm_prime.tools.convert), checked against an independent
 reference implementation of their DiT forward pass written from ../shared/spec/conversion.md: constant adaLN kept
 unfolded, bias-free LayerNorm in float32, rotate-half RoPE, explicit attention, σ = 0 conditioning."""
 
@@ -17,13 +17,13 @@ from safetensors.torch import load_file, save_file
 from test_remote_code import interpreters
 
 from conftest import GPT2_TOKENIZER
-from modeling_mdm_prime.convert import (
+from modeling_mdm_prime.tools import check_checkpoint
+from modeling_mdm_prime.tools.convert import (
     convert_checkpoint,
     dit_parameter_names,
     load_lightning_checkpoint,
     restricted_torch_load,
 )
-from modeling_mdm_prime.hub import check_checkpoint
 
 omegaconf = pytest.importorskip("omegaconf")  # the test extra: real OmegaConf objects in the .ckpt
 
@@ -294,7 +294,7 @@ def test_modulation_is_far_from_identity():
 def test_fold_is_exact_in_float64(ell):
     """In float64 the converted network and the unfolded reference agree to rounding (~1e-14): the fold is exact,
     and the float32 differences below are float32 rounding only."""
-    from modeling_mdm_prime.convert import SourceCheckpoint, convert_source
+    from modeling_mdm_prime.tools.convert import SourceCheckpoint, convert_source
 
     w = {k: v.double() for k, v in dit_weights(ell, seed=30 + ell, mask_row=ell == 1).items()}
     source = SourceCheckpoint(w, VOCAB, ell, True, D, BLOCKS, HEADS, COND, LENGTH, 0.1)
@@ -489,6 +489,7 @@ def converted(tmp_path_factory):
     return root, out, load(out).denoise(sub_ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("python", "version"), list(interpreters()))
 def test_converted_loads_with_remote_code(converted, python, version):
     root, out, expected = converted

@@ -135,6 +135,7 @@ def test_nelbo_estimate_converges_to_the_nll_and_its_error_shrinks_with_k():
     assert errors[64] < 0.03 * true_nll
 
 
+@pytest.mark.slow
 def test_evaluate_ppl_script_suite_and_two_processes(tmp_path):
     import evaluate_ppl
 
@@ -197,4 +198,4 @@ def test_readme_shows_the_committed_table1_results():
     import reproduce_table1
 
     committed = json.loads((REPO / "benchmarks" / "results" / "table1.json").read_text())
-    assert reproduce_table1.render_markdown(committed) in (REPO / "README.md").read_text()
+    assert reproduce_table1.render_markdown(committed) in (REPO / "docs" / "benchmarks" / "table1.md").read_text()

@@ -208,6 +208,7 @@ def test_finetune_script_full_reduces_held_out_loss(full_run, workdir):
     assert reloaded_loss(workdir / "base", workdir) == pytest.approx(before, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_finetune_script_lora_merged_changes_only_targeted_weights(lora_run, workdir):
     out, metrics = lora_run
     before, after = metrics["held_out_loss_before"], metrics["held_out_loss_after"]
@@ -279,6 +280,7 @@ def test_finetune_outputs_fit_the_toolchain(full_run):
         assert "MDMPrimeForMaskedDiffusion True" in check.stdout, check.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_unmerged_lora_adapter_loads_from_another_directory(workdir, tmp_path):
     pytest.importorskip("peft")
     out, _ = run_finetune(workdir, "adapter", 3, "--lora", "--learning_rate", "1e-3", base="base")  # relative path
@@ -296,7 +298,7 @@ def test_unmerged_lora_adapter_loads_from_another_directory(workdir, tmp_path):
 
 
 def test_validation_split_and_text_files_follow_one_rule(tmp_path):
-    from modeling_mdm_prime.data import read_documents
+    from modeling_mdm_prime.tools.data import read_documents
 
     script = load_script()
     assert script.validation_count(None, 50) == 5  # the default: 10 %, not 32 of 50
@@ -306,7 +308,7 @@ def test_validation_split_and_text_files_follow_one_rule(tmp_path):
         script.validation_count(32, 50)
     with pytest.raises(ValueError, match="fraction"):
         script.validation_count(2.5, 50)
-    # A .txt file is one document in every script (modeling_mdm_prime.data), JSON(L) one per record.
+    # A .txt file is one document in every script (modeling_mdm_prime.tools.data), JSON(L) one per record.
     (tmp_path / "notes.txt").write_text("first line\nsecond line\n\nthird\n")
     assert len(script.read_examples(str(tmp_path / "notes.txt"))) == 1
     assert len(read_documents(str(tmp_path / "notes.txt"))) == 1

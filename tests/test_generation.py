@@ -166,6 +166,7 @@ def test_infilling_and_sub_token_conditioning():
         model.generate(sub_token_ids=torch.tensor([[[6, 6, model.codec.mask_id]]]))  # 6·49 + 6·7 >= 300
 
 
+@pytest.mark.slow
 def test_rare_token_keeps_its_frequency_at_large_t():
     """One token with probability 1 % must keep it after T = 2048 steps (per-step reveal probability
     down to 1/2048): token draws never mix with the reveal probability, and are made in float64."""

@@ -420,6 +420,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("python", "version"), list(interpreters()))
 def test_genmd4_remote_code_loads_in_fresh_process(saved_genmd4, python, version):
     root, _, ids, expected = saved_genmd4
@@ -455,6 +456,7 @@ def test_power_gradient_is_finite_under_training():
     assert F.softplus(model.schedule_power_logits).min() > 0 and sys.float_info.max > float(out.loss.detach()) > 0
 
 
+@pytest.mark.slow
 def test_pretrain_keeps_schedule_parameters_out_of_weight_decay_and_trains_genmd4(tmp_path):
     from test_pretrain import TINY, load_pretrain, logged, run
 

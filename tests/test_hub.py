@@ -35,7 +35,7 @@ from transformers import AutoTokenizer
 
 import modeling_mdm_prime
 from modeling_mdm_prime import MDMPrimeForMaskedDiffusion
-from modeling_mdm_prime.hub import (
+from modeling_mdm_prime.tools import (
     HubPublishError,
     check_checkpoint,
     checkpoint_contents,
@@ -54,7 +54,7 @@ from modeling_mdm_prime.hub import (
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "checkpoints" / "mdm-prime-shakespeare-tiny"
 REFERENCE_CARD = REPO / "model_cards" / "mdm-prime-shakespeare-tiny.md"
-# The options the reference card was rendered with (README.md, "Reference checkpoint", has the command).
+# The options the reference card was rendered with (docs/guides/reference-checkpoints.md has the command).
 REFERENCE_CARD_OPTIONS = dict(
     language=["en"],
     license="apache-2.0",
@@ -72,7 +72,7 @@ REFRESH_CODE = (
 PUBLISH = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from modeling_mdm_prime.hub import publish_checkpoint
+from modeling_mdm_prime.tools import publish_checkpoint
 
 old_checkpoint, checkpoint, repo_id, branch = sys.argv[2:6]
 card = dict(datasets=["user/shakespeare-plays"], language=["en"], license="apache-2.0")
@@ -98,7 +98,7 @@ print(json.dumps({name: {"oid": info.oid, "url": str(info), "pr_url": info.pr_ur
 ERRORS = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from modeling_mdm_prime.hub import publish_checkpoint
+from modeling_mdm_prime.tools import publish_checkpoint
 
 checkpoint, token, dead_endpoint = sys.argv[2:5]
 results = []
@@ -390,6 +390,7 @@ def test_card_metadata(hub, published):
     assert f'revision="{BRANCH}"' in body and "trust_remote_code=True" in body and "## Limitations" in body
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("python", list(interpreters()))
 def test_load_from_the_hub_in_a_fresh_process(hub, published, reference_outputs, python, tmp_path):
     """AutoModel/AutoTokenizer from the local Hub with trust_remote_code and a revision, the package not
@@ -531,7 +532,7 @@ def test_hub_module_is_not_shipped_as_remote_code(tmp_path):
     package = Path(modeling_mdm_prime.__file__).parent
     assert {p.name for p in package.glob("*_mdm_prime.py")} == SHIPPED | IMAGE_CODE  # text + image models
     assert {p.name for p in tmp_path.glob("*.py")} == SHIPPED
-    assert HubPublishError.__module__ == "modeling_mdm_prime.hub"
+    assert HubPublishError.__module__ == "modeling_mdm_prime.tools.publish"
 
 
 # -- the committed reference checkpoint -----------------------------------------------------------------------------
@@ -558,12 +559,13 @@ def test_reference_code_is_the_package_code():
 
 def test_reference_card_is_up_to_date():
     card = render_model_card(REFERENCE, "checkpoints/mdm-prime-shakespeare-tiny", **REFERENCE_CARD_OPTIONS)
-    hint = "regenerate it with the commands in README.md, section 'Reference checkpoint'"
+    hint = "regenerate it with the commands in docs/guides/reference-checkpoints.md"
     assert (REFERENCE / "README.md").read_text(encoding="utf-8") == str(card), hint
     assert REFERENCE_CARD.read_text(encoding="utf-8") == str(card), hint
     assert re.search(r"valid-bound perplexity ≤ [0-9.]+", card.text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("python", list(interpreters()))
 def test_reference_checkpoint_loads_offline_in_a_fresh_process(reference_outputs, python, tmp_path):
     """From the repository on a machine without the Hub: remote code only, and the README snippet runs."""
@@ -684,6 +686,7 @@ def test_code_that_differs_from_the_package_is_reported(tmp_path, caplog):
     assert "codec_mdm_prime.py" in warning and "losses_mdm_prime.py" not in warning
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_card_template_and_publishes_without_card_template(tmp_path):
     """A non-editable install has the template as package data: staging from the wheel's files alone, outside the
     repository, renders the committed card."""
@@ -700,12 +703,12 @@ def test_wheel_ships_the_card_template_and_publishes_without_card_template(tmp_p
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         archive.extractall(tmp_path / "site")
-    assert "modeling_mdm_prime/model_card_template.md" in names
-    assert "modeling_mdm_prime/model_card_image_template.md" in names
+    assert "modeling_mdm_prime/tools/model_card_template.md" in names
+    assert "modeling_mdm_prime/tools/model_card_image_template.md" in names
     assert not any(name.endswith("hub_mdm_prime.py") for name in names)
     script = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import modeling_mdm_prime as m; "
-        "assert m.__file__.startswith(sys.argv[1]), m.__file__; from modeling_mdm_prime.hub import stage_checkpoint; "
+        "assert m.__file__.startswith(sys.argv[1]), m.__file__; from modeling_mdm_prime.tools import stage_checkpoint; "
         "stage_checkpoint(sys.argv[2], sys.argv[3], model_id='checkpoints/mdm-prime-shakespeare-tiny', "
         "**json.loads(sys.argv[4]))"
     )
@@ -845,7 +848,7 @@ def make_image_checkpoint(root: Path, *, eval_report: dict | None = None) -> Pat
     weights, code, ``samples.png`` (a grid of its samples) and ``metrics.json`` (its bits per dimension on those
     samples, from the valid bound), and the run's settings in ``logs/config.json``."""
     from modeling_mdm_prime import MDMPrimeForImageDiffusion, MDMPrimeImageConfig
-    from modeling_mdm_prime.image_data import save_image_grid
+    from modeling_mdm_prime.tools.image_data import save_image_grid
 
     config = MDMPrimeImageConfig(
         num_levels=17,
@@ -1034,6 +1037,7 @@ def test_image_card_labels_the_paper_objective_and_cfd(image_checkpoint, tmp_pat
     assert "| FID | 12.500 | NFE 16" in body and "FID Inception-v3" in body and "not FID" not in body
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("python", list(interpreters()))
 def test_image_checkpoint_round_trip_through_the_hub(image_checkpoint, online, python, tmp_path):
     """Publish to the local Hub, then in a fresh process where the package is not importable (transformers 5.x and

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_mdm_prime import image_data
-from modeling_mdm_prime.image_data import (
+from modeling_mdm_prime.tools import image_data
+from modeling_mdm_prime.tools.image_data import (
     MNIST_PICKLE_MEMBER,
     RestrictedUnpicklingError,
     dataset_to_tensors,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from modeling_mdm_prime.image_data import load_digits_split
-from modeling_mdm_prime.image_metrics import (
+from modeling_mdm_prime.tools.image_data import load_digits_split
+from modeling_mdm_prime.tools.image_metrics import (
     INCEPTION_NETWORK,
     DigitsMetrics,
     FrechetDistance,
@@ -207,6 +207,7 @@ def _run_evaluate(args, tmp_path):
     return json.loads((tmp_path / "out" / "eval_images.json").read_text()), result.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_images_digits_end_to_end(tmp_path):
     """A random tiny digits model (ℓ = 2, 17 levels) through examples/evaluate_images.py in a fresh process: bits
     per dimension from the bound, CFD and coverage per NFE with PNG grids, labelled as not FID."""

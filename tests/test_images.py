@@ -233,6 +233,7 @@ def test_imputation_keeps_every_fixed_digit(strategy):
     assert torch.equal(out[..., :2], images[..., :2])
 
 
+@pytest.mark.slow
 def test_imputation_samples_the_exact_conditional():
     """With an oracle, imputing the least significant digits given the most significant ones draws from
     p(x | kept digits): the empirical distribution of 3000 imputations is within the stated total-variation
@@ -357,6 +358,7 @@ print(json.dumps({**report, "transformers": transformers.__version__}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("python,version", list(interpreters()))
 @pytest.mark.parametrize("backbone", ["unet", "transformer"])
 def test_image_checkpoint_loads_with_only_its_code(tmp_path, python, version, backbone):
@@ -401,7 +403,7 @@ def test_image_codec_is_the_text_codec():
 # ------------------------------------------------------------------------------------------------------------------
 
 DIGITS_REFERENCE = Path(__file__).resolve().parents[1] / "checkpoints" / "mdm-prime-digits-tiny"
-# The options its card was rendered with (README.md, "Images", has the command).
+# The options its card was rendered with (docs/guides/images.md has the command).
 DIGITS_CARD_OPTIONS = dict(
     license="apache-2.0", training_data="scikit-learn's 8 × 8 digits (1,437 training images; BSD-3-Clause)"
 )

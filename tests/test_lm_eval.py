@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness model ``mdm_prime`` (modeling_mdm_prime/lm_eval_adapter.py).
+"""The lm-evaluation-harness model ``mdm_prime`` (modeling_mdm_prime/tools/lm_eval_adapter.py).
 
 Exact checks against ``nll_bound`` and an oracle denoiser (exact conditionals of a known distribution), the
 request plumbing (leading spaces, empty and over-long contexts, rolling windows, per-request stop strings, LoRA),
@@ -23,7 +23,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from modeling_mdm_prime import MDMPrimeForMaskedDiffusion  # noqa: E402
-from modeling_mdm_prime.lm_eval_adapter import MDMPrimeLM, conditional_bounds  # noqa: E402
+from modeling_mdm_prime.tools.lm_eval_adapter import MDMPrimeLM, conditional_bounds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "mdm-prime-shakespeare-tiny"
@@ -210,17 +210,20 @@ def test_a_lora_adapter_is_evaluated_on_its_base_model(tmp_path):
     assert abs(ll_adapted - ll_plain) > 0.1
 
 
+ADAPTER = "modeling_mdm_prime.tools.lm_eval_adapter"
+
+
 def run_cli(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if processes == 1:
-        command = [sys.executable, "-m", "modeling_mdm_prime.lm_eval_adapter", *args]
+        command = [sys.executable, "-m", "modeling_mdm_prime.tools.lm_eval_adapter", *args]
     else:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(port), "-m", "modeling_mdm_prime.lm_eval_adapter", *args]  # fmt: skip
+                   "--main_process_port", str(port), "-m", ADAPTER, *args]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -236,6 +239,7 @@ def read_run(output: Path) -> tuple[dict, dict[str, list[dict]]]:
     return json.loads(results_file.read_text()), samples
 
 
+@pytest.mark.slow
 def test_lm_eval_cli_runs_the_local_tasks_on_one_and_two_processes(tmp_path):
     args = ["--model", "mdm_prime", "--model_args", f"pretrained={CHECKPOINT},mc_samples=2,num_steps=4",
             "--tasks", "mdm_prime_local", "--include_path", str(TASKS), "--batch_size", "4", "--device", "cpu",

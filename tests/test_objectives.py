@@ -158,7 +158,7 @@ def test_discrete_time_bound_variance_is_close_to_the_continuous_bounds():
     from transformers import AutoTokenizer
 
     from modeling_mdm_prime import MDMPrimeForMaskedDiffusion
-    from modeling_mdm_prime.data import BUNDLED_CORPUS, read_documents
+    from modeling_mdm_prime.tools.data import BUNDLED_CORPUS, read_documents
 
     checkpoint = Path(__file__).resolve().parents[1] / "checkpoints" / "mdm-prime-shakespeare-tiny"
     model = MDMPrimeForMaskedDiffusion.from_pretrained(checkpoint).eval()

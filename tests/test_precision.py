@@ -119,6 +119,7 @@ def test_sdpa_gets_no_dense_mask_unless_something_is_padded(monkeypatch):
     assert masks[-1] is not None and masks[-1].shape == (2, 1, 1, 5)
 
 
+@pytest.mark.slow
 def test_compiled_backbone_matches_eager():
     """torch.compile (inductor, dynamic shapes) of the backbone: hidden states and the training loss's gradients
     agree with eager to float32 rounding, at two sequence lengths (one compiled graph for both)."""

@@ -1,4 +1,4 @@
-"""examples/pretrain.py: the data pipeline (modeling_mdm_prime.data), 2-process DDP through accelerate launch
+"""examples/pretrain.py: the data pipeline (modeling_mdm_prime.tools.data), 2-process DDP through accelerate launch
 (same learning-rate schedule as one process), exact resume or a refusal that says why, checkpoints that never
 unpickle code, and a run killed mid-training."""
 
@@ -23,7 +23,7 @@ from test_remote_code import tf4_python
 from transformers import HfArgumentParser
 
 from conftest import GPT2_TOKENIZER
-from modeling_mdm_prime import data
+from modeling_mdm_prime.tools import data
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "pretrain.py"
@@ -171,6 +171,7 @@ def hostile_pickle(path: Path, marker: Path) -> None:
     subprocess.run([sys.executable, "-c", HOSTILE, str(path), str(marker)], check=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_resume_never_unpickles_code_from_the_checkpoint(single_run, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "pwned"
     shutil.copytree(single_run, out)
@@ -269,6 +270,7 @@ def test_broken_checkpoint_files_are_named_in_the_error(single_run, tmp_path):
         pretrain.main([*COMMON, "--output_dir", str(single_run)])
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_follow_the_one_process_schedule_and_resume_exactly(single_run, tmp_path):
     common = COMMON
     run([*common, "--output_dir", str(tmp_path / "straight")], processes=2)
@@ -306,6 +308,7 @@ def test_ddp_two_processes_follow_the_one_process_schedule_and_resume_exactly(si
         assert check.returncode == 0 and "MDMPrimeForMaskedDiffusion True" in check.stdout, check.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_loadable_checkpoints_and_resumes(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "--max_steps", "400", "--checkpoint_every", "2", "--eval_every", "1000", "--output_dir", str(out)]
@@ -335,6 +338,7 @@ def test_killed_run_leaves_loadable_checkpoints_and_resumes(tmp_path):
     assert (out / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_an_fsdp_launch_that_cannot_shard_is_refused(tmp_path):
     """On a machine without GPUs accelerate runs the shipped FSDP config without FSDP and without a word (every
     process alone: DistributedType.NO); the script refuses instead, so nobody believes they trained (and
@@ -361,7 +365,7 @@ def test_fsdp_or_deepspeed_state_needs_the_unsafe_pickle_opt_in(single_run, tmp_
     one-process run is made to take the FSDP branch of training.resume (FSDP itself needs GPUs)."""
     from types import SimpleNamespace
 
-    from modeling_mdm_prime import training
+    from modeling_mdm_prime.tools import training
 
     loads = []
     monkeypatch.setattr(training, "DistributedType", SimpleNamespace(FSDP=DistributedType.NO, DEEPSPEED=None))

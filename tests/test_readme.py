@@ -1,4 +1,5 @@
-"""Every python block of README.md runs as written, in a fresh process, without an interactive prompt."""
+"""Every python block of README.md and docs/ runs as written, in a fresh process, without an interactive prompt.
+README's blocks are in the fast tier, the docs' in the slow one."""
 
 import os
 import re
@@ -10,7 +11,13 @@ import pytest
 from test_remote_code import tf4_python
 
 REPO = Path(__file__).resolve().parents[1]
-BLOCKS = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+CASES = [
+    (page.relative_to(REPO).as_posix(), index, code)
+    for page in PAGES
+    for index, code in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S))
+]
+BLOCKS = [code for _, _, code in CASES]
 
 
 def run_block(python: str, code: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -22,17 +29,24 @@ def run_block(python: str, code: str, tmp_path: Path) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
-def test_readme_has_python_blocks():
-    assert len(BLOCKS) >= 3
+def test_readme_and_docs_have_python_blocks():
+    assert sum(page == "README.md" for page, _, _ in CASES) >= 1 and len(BLOCKS) >= 6
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index, tmp_path):
-    result = run_block(sys.executable, BLOCKS[index], tmp_path)
+@pytest.mark.parametrize(
+    "code",
+    [
+        pytest.param(code, id=f"{page}-{index}", marks=[] if page == "README.md" else [pytest.mark.slow])
+        for page, index, code in CASES
+    ],
+)
+def test_readme_block_runs(code, tmp_path):
+    result = run_block(sys.executable, code, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[y/N]" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_readme_snippets_without_the_package_on_transformers_4_57(tmp_path):
     """The blocks that need only the checkpoint's code run on transformers 4.57 too."""
     python = tf4_python()

@@ -213,6 +213,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("python", "version"), list(interpreters()))
 def test_pipeline_and_saved_generation_config_with_only_the_shipped_code(tmp_path, python, version):
     """The reference checkpoint as users meet it (its generation_config.json sets max_new_tokens=64): the

@@ -58,6 +58,7 @@ def test_help_exits_0_and_describes_every_flag(script, monkeypatch, capsys):
     assert not undescribed, f"{script}: flags without a description: {undescribed}"
 
 
+@pytest.mark.slow
 def test_finetune_help_in_a_fresh_process():
     """The crash users saw: a '%' in a help string breaks argparse's formatting (``TypeError: %o format``)."""
     result = subprocess.run(
@@ -93,7 +94,7 @@ def test_the_committed_gpt2_tokenizer_is_gpt2():
 
 def test_the_default_corpus_is_package_data():
     """The default of the training data exists in a wheel too: it is listed as package data in setup.cfg."""
-    from modeling_mdm_prime.data import BUNDLED_CORPUS, DataConfig
+    from modeling_mdm_prime.tools.data import BUNDLED_CORPUS, DataConfig
 
     assert Path(DataConfig().dataset) == BUNDLED_CORPUS and BUNDLED_CORPUS.is_file()
     package = REPO / "modeling_mdm_prime"
@@ -106,7 +107,7 @@ def test_the_default_corpus_is_package_data():
 def test_converter_default_tokenizer_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
-    from modeling_mdm_prime.convert import load_tokenizer
+    from modeling_mdm_prime.tools.convert import load_tokenizer
 
     with pytest.raises(ValueError, match=r"default tokenizer 'gpt2'.*--tokenizer DIR"):
         load_tokenizer(None)
@@ -120,7 +121,7 @@ def test_end_run_destroys_the_process_group(tmp_path):
     """In a fresh process: a gloo group is up, end_run tears it down before the interpreter exits."""
     code = f"""
 import torch.distributed as dist
-from modeling_mdm_prime.training import end_run
+from modeling_mdm_prime.tools.training import end_run
 dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
 dist.barrier()
 assert dist.is_initialized()
