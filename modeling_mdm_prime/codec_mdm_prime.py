@@ -1,4 +1,4 @@
-"""Sub-token codec: token ids <-> ℓ base-b digits, and the consistency filter (method.md §3.1, §3.3).
+"""Sub-token codec: token ids <-> ℓ base-b digits, and the consistency filter (docs/concepts/partial-masking.md).
 
 Plain torch: no model, no I/O.
 """

@@ -348,7 +348,8 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         """Training objective on clean images, in nats per dimension (pixel channel).
 
         ``loss_type="elbo"`` / ``"prime"``: the text model's objectives over the C·H·W tokens (count estimator,
-        method.md §3.4). ``"cross_entropy"``: the paper's image objective, ``E_t[-(1/D) Σ_d log p_θ(x_d | y_t)]``
+        docs/concepts/honest-likelihoods.md). ``"cross_entropy"``: the paper's image objective,
+        ``E_t[-(1/D) Σ_d log p_θ(x_d | y_t)]``
         with t ~ U(0, 1) (stratified over the batch), each sub-token masked with probability ``1 - (1 - t)^3``,
         over every pixel channel, unweighted and unfiltered; *not* a bound (``elbo`` is then None).
         With ``num_classes > 0``, labels are replaced by the null class with probability ``class_dropout`` in

@@ -85,3 +85,15 @@ def test_old_lm_eval_entry_point_still_runs():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--model_args" in result.stdout
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_docstrings_point_to_pages_that_exist(name):
+    """Shipped files travel into every checkpoint, where the project's specs cannot be opened: they explain
+    themselves or name a docs/ page of the repository, and every page they name exists."""
+    import re
+
+    text = (PACKAGE / name).read_text(encoding="utf-8")
+    assert "method.md" not in text
+    for page in re.findall(r"docs/[\w/.-]+\.md", text):
+        assert (PACKAGE.parent / page).is_file(), f"{name} names {page}, which does not exist"

@@ -8,8 +8,8 @@ be converted by renaming keys (a time-independent DiT's constant adaLN modulatio
 and the output projections).
 
 Input: ℓ sub-tokens per position, embedded with one shared (b+1)-row table of width D/ℓ and concatenated
-(method.md §3.3), so the transformer runs over L positions whatever ℓ is. Output: logits over the C real
-tokens, restricted by the consistency filter.
+(docs/concepts/partial-masking.md), so the transformer runs over L positions whatever ℓ is. Output: logits over
+the C real tokens, restricted by the consistency filter.
 """
 
 from __future__ import annotations
@@ -529,7 +529,7 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             strata: ``(B,)`` low-discrepancy numbers in [0, 1) that place each sequence's sample.
             timesteps: explicit ``(B,)`` times (continuous time).
             num_steps: T for the discrete-time bound.
-        Three estimators of the same bound (method.md §1, §3.4):
+        Three estimators of the same bound (docs/concepts/honest-likelihoods.md):
 
         * count (continuous time, the default): k = 1 + floor(strata · N) of the N maskable elements, a
           uniform k-subset, weight N/k; a time-conditioned network is told the noise level
@@ -685,8 +685,8 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         timesteps: torch.Tensor | None,
         generator: torch.Generator | None,
     ) -> MDMPrimeDiffusionOutput:
-        """GenMD4's training objective (method.md §2) on the endpoint-exact schedule ``α_{t,i} = 1 - t^{w_i}``
-        (α(0) = 1 and α(1) = 0 exactly, so there is no prior or reconstruction term).
+        """GenMD4's training objective (docs/concepts/genmd4.md) on the endpoint-exact schedule
+        ``α_{t,i} = 1 - t^{w_i}`` (α(0) = 1 and α(1) = 0 exactly, so there is no prior or reconstruction term).
 
         Per sequence, two independent draws k = 1, 2 (scored in one network call of 2B rows) give unbiased
         estimates of the continuous-time NELBO ``∫ (1/t) E_q[Σ_{masked n} g_n] dt``,
@@ -797,7 +797,7 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
     ) -> MDMPrimeNLLOutput:
         """Monte-Carlo estimate of the valid NELBO, an upper bound on ``-log p_θ(x)``, in nats per sequence.
 
-        Continuous time (``num_steps=None``, method.md §3.4):
+        Continuous time (``num_steps=None``, docs/concepts/honest-likelihoods.md):
             ``L = E_t[ w(t) Σ_i Σ_{j masked} -log p̄(y0^{i,j} | y_t) ]``
         Discrete time with T steps (t_i = i/T): ``L_T = T · E_{i, y_t, U}[ Σ_i -log p̄(y0^U | y_t) ]`` where U is
         the set of masked digits the step t_i -> t_{i-1} reveals (each with probability (α_s - α_t)/(1 - α_t)).

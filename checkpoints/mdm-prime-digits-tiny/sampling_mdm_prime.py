@@ -1,4 +1,4 @@
-"""Sampler math for masked diffusion (method.md §3.5): time grids, counter-based random numbers, float64
+"""Sampler math for masked diffusion (docs/guides/generation.md): time grids, counter-based random numbers, float64
 categorical draws, and the sampling strategies.
 
 A strategy is a small scheduler-like object (in the manner of diffusers' schedulers). It owns its time grid
@@ -15,11 +15,11 @@ Strategies shipped here:
 * :class:`ThresholdStrategy`: Fast-dLLM's parallel decoding: reveal everything whose confidence exceeds a
   threshold (at least one element per row), so the number of steps adapts to the text. Approximate.
 * :class:`StateDependentStrategy` (exact, GenMD4 models): the ancestral sampler of a state-dependent schedule
-  (method.md §2); ``generate()`` uses it instead of the ancestral one for ``learnable_polynomial`` models.
+  (docs/concepts/genmd4.md); ``generate()`` uses it instead of the ancestral one for ``learnable_polynomial`` models.
 
 Confidence is measured per *sub-token* (for ℓ = 1, per token): digit j of a position is scored by its
 marginal ``p̄(y^j | y_t) = Σ_{x: digit j of x = v} p_θ(x | y_t)``. A partially masked token is a state of
-the forward process (method.md §3.2), so a sampler may commit to a digit it is sure of (say the most
+the forward process (docs/concepts/partial-masking.md), so a sampler may commit to a digit it is sure of (say the most
 significant one) while the rest of the token is still uncertain; a token-level measure would have to wait
 until the whole token is likely. The revealed digits always come from one joint token draw per position,
 so they agree with each other and, through the consistency filter, with the digits already revealed.
@@ -187,7 +187,7 @@ def sample_categorical(
         greedy: take the argmax instead (a bool, or ``(N,)`` bool per row).
         float64: inverse CDF in float64 (default). ``False``: Gumbel-max in float32, as MDLM samples; a token
             whose probability is below ~2^-24 of the largest can then never be drawn, which silently lowers
-            the temperature (method.md §1). Kept for comparisons.
+            the temperature (docs/concepts/honest-likelihoods.md). Kept for comparisons.
     Returns:
         ``(N,)`` long token ids and ``(N,)`` float64 probabilities of those tokens.
     """
@@ -417,7 +417,8 @@ class SamplerStrategy:
 
 class AncestralStrategy(SamplerStrategy):
     """The MDM-Prime ancestral sampler (exact): draw ``x̂ ~ p_θ(· | y_t)`` per position and reveal each
-    masked digit of ``encode(x̂)`` independently with probability ``(α_s - α_t) / (1 - α_t)`` (method.md §3.5).
+    masked digit of ``encode(x̂)`` independently with probability ``(α_s - α_t) / (1 - α_t)``
+    (docs/guides/generation.md).
 
     Which digits are revealed does not depend on x̂, so :meth:`plan` decides it first (from the reveal coins,
     uniform slots 1..ℓ) and x̂ is drawn only where a digit is revealed; a step that reveals nothing is idle.
@@ -603,7 +604,7 @@ class ThresholdStrategy(ConfidenceStrategy):
 
 
 class StateDependentStrategy(SamplerStrategy):
-    """Exact ancestral sampler of a state-dependent schedule (GenMD4, ℓ = 1, method.md §2).
+    """Exact ancestral sampler of a state-dependent schedule (GenMD4, ℓ = 1, docs/concepts/genmd4.md).
 
     A masked position at t becomes token i at s with probability ``r_i μ_i``, ``r_i = (α_{s,i} - α_{t,i}) /
     (1 - α_{t,i}) = 1 - (s/t)^{w_i}``, and stays masked with probability ``1 - Σ_i r_i μ_i``. Reveal and token

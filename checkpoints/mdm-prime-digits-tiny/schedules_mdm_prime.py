@@ -1,10 +1,10 @@
-"""Masking schedules α(t) and the training time sampler (method.md §1).
+"""Masking schedules α(t) and the training time sampler (docs/concepts/honest-likelihoods.md).
 
 α(t) is the probability that a (sub-)token is still unmasked at time t ∈ [0, 1]; t = 0 is clean data.
 Every schedule gives α(t), α'(t) and the continuous-time ELBO weight ``w(t) = -α'(t) / (1 - α(t))``.
 
 The ``eps`` of a schedule scales the masking probability, ``1 - α = (1 - eps)(1 - α̃)``: α(0) = 1 still,
-α(1) = eps, and the weights keep the closed forms of method.md's table (MDLM's linear schedule is
+α(1) = eps, and the weights keep their closed forms (each class's ``weight``) (MDLM's linear schedule is
 ``α = 1 - (1 - eps) t``; the geometric schedule takes the same shift). Likelihood bounds and the sampler call
 :meth:`NoiseSchedule.exact`, the endpoint-exact version (α(0) = 1, α(1) = 0), so the reverse process starts
 from the all-masked prior and no prior or reconstruction term is dropped.
@@ -199,7 +199,8 @@ class _EndpointExact(NoiseSchedule):
 
 
 class StateDependentPolynomialSchedule:
-    """GenMD4's state-dependent schedule (method.md §2): ``α_{t,i} = 1 - (1 - eps) t^{w_i}`` for token value i.
+    """GenMD4's state-dependent schedule (docs/concepts/genmd4.md): ``α_{t,i} = 1 - (1 - eps) t^{w_i}`` for token
+    value i.
 
     ``powers`` ``(C,)`` are the w_i (the model passes ``softplus(ŵ)``; gradients flow through every method).
     Everything is computed in float64. A masked element with clean value i is revealed by s < t with probability

@@ -12,7 +12,7 @@ import numbers
 from transformers import PretrainedConfig
 
 NOISE_SCHEDULES = ("linear", "polynomial", "cosine", "geometric", "learnable_polynomial")
-# GenMD4 (method.md §2): one learnable power per token value, α_{t,i} = 1 - t^{w_i}.
+# GenMD4 (docs/concepts/genmd4.md): one learnable power per token value, α_{t,i} = 1 - t^{w_i}.
 STATE_DEPENDENT_SCHEDULES = ("learnable_polynomial",)
 LOSS_TYPES = ("elbo", "prime")
 # The MDM-Prime paper's image objective (images.md): unweighted cross-entropy, sub-tokens masked w.p. 1 - (1 - t)^3.
@@ -82,7 +82,8 @@ class MDMPrimeConfig(PretrainedConfig):
             is time independent, which makes the sampler's idle-step cache exact.
         time_embedding_size: width of the timestep embedding used by adaLN.
         noise_schedule: one of ``"linear"``, ``"polynomial"``, ``"cosine"``, ``"geometric"``, or
-            ``"learnable_polynomial"`` (GenMD4, method.md §2: ``α_{t,i} = 1 - t^{w_i}``, ``w = softplus(ŵ)``, one
+            ``"learnable_polynomial"`` (GenMD4, docs/concepts/genmd4.md: ``α_{t,i} = 1 - t^{w_i}``,
+            ``w = softplus(ŵ)``, one
             learnable ŵ per token value, initialised to w = 1; it needs ``num_sub_tokens=1`` and
             ``time_conditioning=True``, trains with a REINFORCE leave-one-out gradient and ignores ``noise_eps``:
             training and bounds use the endpoint-exact schedule). For the fixed schedules, the sampler's

@@ -725,7 +725,7 @@ class MDMPrimeGenerationMixin:
         strategy: str | SamplerStrategy | None = None,
         **kwargs,
     ) -> torch.LongTensor | MDMPrimeGenerateOutput:
-        r"""Generate by iterative sub-token unmasking (method.md §3.5).
+        r"""Generate by iterative sub-token unmasking (docs/guides/generation.md).
 
         Inputs (one of):
             * ``input_ids`` ``(B, P)`` prompts (+ ``attention_mask`` with left or right padding): the prompt never

@@ -1,4 +1,5 @@
-"""Forward process and objectives of MDM-Prime / MD4 (method.md §1, §3.2, §3.4).
+"""Forward process and objectives of MDM-Prime / MD4 (docs/concepts/honest-likelihoods.md,
+docs/concepts/partial-masking.md).
 
 Notation: a token x0 has digits y0 = (y0^1..y0^ℓ); y_t is y0 with some digits masked; p_θ(x | y_t) is the
 model's distribution over the C real tokens, restricted to the tokens consistent with the revealed digits
@@ -11,7 +12,7 @@ Every objective is built from these set marginals:
   * discrete-time bound, one step revealing U: -log p̄(y^U = y0^U | y_t)
   * the MDM-Prime paper objective: -log p_θ(x0 | y_t), the softmax over V(y_t) with ``carry_over`` (equal to
     -log p̄(y^M = y0^M | y_t), M the masked digits) and over all C tokens without. Not an upper bound on the
-    NLL (method.md §3.4).
+    NLL (docs/concepts/honest-likelihoods.md).
 
 The set marginals come from :func:`superset_logsumexp`, which needs one exp and about one summing pass over the
 (N, C) logits for all 2^ℓ digit sets at once: no (N, C, ℓ) tensor and no dense (N, C) filter is materialised.
@@ -285,10 +286,10 @@ def diffusion_terms(
         logits: ``(N, C)``; targets: ``(N,)``; masked: ``(N, ℓ)`` bool, the masked digits of y_t.
     Returns:
         ``(valid, prime)``, each ``(N,)`` float32 in nats:
-        ``valid = Σ_{j masked} -log p̄(y^j = y0^j | y_t)`` (valid-bound integrand, method.md §3.4) and
-        ``prime = -log p_θ(x0 | y_t)`` (paper objective integrand, method.md §3.4; the softmax over V(y_t)
-        with ``carry_over``, over all C tokens without). Both are 0 for a fully revealed token with
-        ``carry_over`` and equal for ℓ = 1.
+        ``valid = Σ_{j masked} -log p̄(y^j = y0^j | y_t)`` (valid-bound integrand) and
+        ``prime = -log p_θ(x0 | y_t)`` (paper objective integrand; the softmax over V(y_t) with ``carry_over``, over
+        all C tokens without; docs/concepts/honest-likelihoods.md says why only the first is a bound). Both are 0
+        for a fully revealed token with ``carry_over`` and equal for ℓ = 1.
     """
     if codec.num_sub_tokens == 1:
         # One digit: a masked token's terms are both the cross-entropy; a revealed one is carried over.
@@ -399,7 +400,7 @@ def discrete_expected_step_terms(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GenMD4: state-dependent schedules (method.md §2), ℓ = 1
+# GenMD4: state-dependent schedules (docs/concepts/genmd4.md), ℓ = 1
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -490,7 +491,7 @@ def state_dependent_mask_log_prob(
 
 
 def genmd4_integrand(logits: torch.Tensor, targets: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
-    """GenMD4's continuous-time NELBO integrand per masked position, without its 1/t factor (method.md §2):
+    """GenMD4's continuous-time NELBO integrand per masked position, without its 1/t factor (docs/concepts/genmd4.md):
 
         g = Σ_j w_j μ_j - w_x - w_x log μ_x   (>= 0; = -w log μ_x, MD4's polynomial integrand, if all w_j = w)
 
@@ -544,7 +545,7 @@ def genmd4_step_kl(
 def reinforce_leave_one_out(
     loss_1: torch.Tensor, loss_2: torch.Tensor, log_q_1: torch.Tensor, log_q_2: torch.Tensor
 ) -> torch.Tensor:
-    """Two-sample REINFORCE leave-one-out surrogate (method.md §2), per sequence:
+    """Two-sample REINFORCE leave-one-out surrogate (docs/concepts/genmd4.md), per sequence:
 
         ½(L1 + L2) + ½ · stopgrad(L1 - L2) · (log q(z1 | x0) - log q(z2 | x0)).
 
