@@ -72,7 +72,8 @@ class ImageEvalConfig:
     num_samples: int = field(default=500, metadata={"help": "generated images per NFE"})
     num_reference: int | None = field(default=10000, metadata={"help": "reference images (None: the whole split)"})
     guidance_scale: float = field(
-        default=0.0, metadata={"help": "classifier-free guidance w, log p_c + w (log p_c - log p_null) (0: none)"}
+        default=1.0,
+        metadata={"help": "classifier-free guidance s, log p_null + s (log p_c - log p_null) (diffusers: 1 = none)"},
     )
     generation_kwargs: str = field(default="{}", metadata={"help": "JSON of extra generate() settings"})
     real_baseline: bool = field(default=True, metadata={"help": "also score real held-out images"})

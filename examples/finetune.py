@@ -142,7 +142,7 @@ def held_out_bound(model, data: Dataset, pad_token_id: int, batch_size: int = 16
         for r in range(repeats):
             out = model(**batch, generator=torch.Generator(model.device).manual_seed(1000 * r + start))
             nelbo[r] += out.elbo.item() * out.num_tokens.item()
-            paper[r] += out.prime_objective.item() * out.num_tokens.item()
+            paper[r] += out.paper_objective.item() * out.num_tokens.item()
         tokens += out.num_tokens.item()
     tokens = max(tokens, 1)
     stderr = (nelbo / tokens).std().item() / math.sqrt(repeats) if repeats > 1 else None

@@ -294,7 +294,7 @@ def train(accelerator, cfg, model, optimizer, scheduler, loader, ema, val_blocks
                 ema.update(eval_model)
             bar.update()
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                stats = accelerator.reduce(torch.stack([out.loss.detach(), out.elbo, out.prime_objective]), "mean")
+                stats = accelerator.reduce(torch.stack([out.loss.detach(), out.elbo, out.paper_objective]), "mean")
                 logs = dict(zip(("train/loss", "train/elbo", "train/paper_objective"), stats.tolist()))
                 logs.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)})
                 if out.power_mean is not None:  # GenMD4: the learned powers w = softplus(ŵ)

@@ -86,7 +86,7 @@ from .tools import (
 )
 from .tools.convert import convert_checkpoint, restricted_torch_load
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register(MDMPrimeConfig.model_type, MDMPrimeConfig, exist_ok=True)
 # AutoModel returns the model that trains and generates (as Dream's does); the backbone stays importable.

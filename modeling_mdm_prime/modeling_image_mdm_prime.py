@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .codec_mdm_prime import SubTokenCodec
 from .configuration_mdm_prime import MDMPrimeImageConfig
@@ -41,6 +41,8 @@ from .modeling_mdm_prime import (
 from .sampling_mdm_prime import SamplerStrategy  # noqa: F401
 from .schedules_mdm_prime import sample_times
 from .unet_mdm_prime import MDMPrimeUNet, init_unet_weights
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -284,12 +286,14 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         return labels
 
     @contextmanager
-    def conditioning(self, class_labels: torch.Tensor | None, guidance_scale: float = 0.0):
+    def conditioning(self, class_labels: torch.Tensor | None, guidance_scale: float = 1.0):
         """Within this context every network call of the model is conditioned on ``class_labels`` ``(B,)``, with
-        classifier-free guidance ``log p_c + w (log p_c - log p_null)`` when ``guidance_scale`` w != 0. Rows the
-        loop adds (``num_return_sequences``) must already be expanded by the caller."""
+        classifier-free guidance ``log p_null + s (log p_c - log p_null)`` for ``guidance_scale`` s (diffusers'
+        convention: s = 1 is the conditional model, no guidance). Rows the loop adds (``num_return_sequences``)
+        must already be expanded by the caller."""
         previous = self._condition
-        self._condition = None if class_labels is None else (class_labels, float(guidance_scale))
+        # Stored as w = s - 1, the weight of (log p_c - log p_null) added to log p_c.
+        self._condition = None if class_labels is None else (class_labels, float(guidance_scale) - 1.0)
         try:
             yield
         finally:
@@ -450,7 +454,7 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         self,
         num_images: int | None = None,
         class_labels: torch.Tensor | list[int] | int | None = None,
-        guidance_scale: float = 0.0,
+        guidance_scale: float = 1.0,
         pixel_values: torch.Tensor | None = None,
         keep_pixels: torch.Tensor | None = None,
         keep_digits: torch.Tensor | list[bool] | None = None,
@@ -464,7 +468,10 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
                 i (and its class), so the first 4 of ``num_images=8`` equal ``num_images=4``.
             class_labels: one class per image (or one for all); the null class ``num_classes`` gives unconditional
                 samples of a class-conditional model.
-            guidance_scale: classifier-free guidance w: ``log p_c + w (log p_c - log p_null)`` (0 = none).
+            guidance_scale: classifier-free guidance s in diffusers' convention, ``log p_null + s (log p_c -
+                log p_null)``: 1 (the default) is no guidance, s > 1 sharpens towards the class, 0 is the
+                unconditional model. Before version 0.2 of this package the scale was w = s - 1 (0 = none): add 1
+                to an old value.
             pixel_values, keep_pixels, keep_digits: imputation (see :meth:`image_template`): the kept digits are
                 returned exactly; the others are sampled from the model given them.
             output_type: ``"pt"`` (``(B, C, H, W)`` long levels) or ``"pil"`` (a list of PIL images, levels scaled
@@ -501,8 +508,13 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         labels = self._class_labels(class_labels, template.shape[0], device)
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
             raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}.")
-        if guidance_scale and labels is None:
-            raise ValueError("guidance_scale needs a class-conditional model and class_labels.")
+        if guidance_scale != 1.0 and labels is None:
+            raise ValueError("guidance_scale needs a class-conditional model and class_labels (1 = no guidance).")
+        if guidance_scale == 0.0:
+            logger.warning(
+                "guidance_scale=0 samples the unconditional model (diffusers' convention, 1 = no guidance); before "
+                "version 0.3 of modeling_mdm_prime, 0 meant no guidance."
+            )
         copies = kwargs.get("num_return_sequences") or self.generation_config.num_return_sequences or 1
         if labels is not None and copies > 1:
             labels = labels.repeat_interleave(copies)

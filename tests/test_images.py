@@ -263,9 +263,12 @@ def test_class_conditional_generation_with_guidance():
     model.eval()
     plain = model.generate(class_labels=[0, 1, 2], seed=0, num_steps=8)
     assert plain.shape == (3, 1, 4, 4)
-    guided = model.generate(class_labels=[0, 1, 2], guidance_scale=3.0, seed=0, num_steps=8)
+    guided = model.generate(class_labels=[0, 1, 2], guidance_scale=4.0, seed=0, num_steps=8)
     assert not torch.equal(plain, guided)
-    assert torch.equal(model.generate(class_labels=[0, 1, 2], guidance_scale=0.0, seed=0, num_steps=8), plain)
+    # diffusers' convention: 1 is no guidance (the default), 0 the unconditional model (the null class).
+    assert torch.equal(model.generate(class_labels=[0, 1, 2], guidance_scale=1.0, seed=0, num_steps=8), plain)
+    null = model.generate(class_labels=[3, 3, 3], seed=0, num_steps=8)
+    assert torch.equal(model.generate(class_labels=[0, 1, 2], guidance_scale=0.0, seed=0, num_steps=8), null)
     with pytest.raises(ValueError, match="class-conditional"):
         model.generate(num_images=2)
     with pytest.raises(ValueError, match=r"\[0, 3\]"):

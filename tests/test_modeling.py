@@ -34,7 +34,9 @@ def test_training_forward_and_gradients():
     assert all(p.grad is not None for p in timed.parameters())
     prime_model = tiny_model(loss_type="prime")
     out = prime_model(ids, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(out.loss.detach(), out.prime_objective) and out.elbo is not None
+    assert torch.allclose(out.loss.detach(), out.paper_objective) and out.elbo is not None
+    with pytest.warns(FutureWarning, match="now paper_objective"):
+        assert out.prime_objective is out.paper_objective  # the old name, deprecated
 
 
 def test_forward_is_reproducible_with_a_generator():

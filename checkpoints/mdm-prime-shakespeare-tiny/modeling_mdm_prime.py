@@ -15,6 +15,7 @@ the C real tokens, restricted by the consistency filter.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,9 @@ class MDMPrimeDiffusionOutput(ModelOutput):
         loss: the configured training objective in nats per token (scalar, differentiable).
         elbo: the valid NELBO estimate in nats per token (detached), a one-sample estimate; report likelihoods
             with :meth:`MDMPrimeForMaskedDiffusion.nll_bound`.
-        prime_objective: the MDM-Prime paper objective in nats per token (detached). *Not* a bound on
-            the NLL: never report exp(prime_objective) as a perplexity.
+        paper_objective: the MDM-Prime paper objective in nats per token (detached), the name ``nll_bound``'s
+            output uses too. *Not* a bound on the NLL: never report exp(paper_objective) as a perplexity.
+            (``prime_objective``, its name before version 0.2, still reads it, with a FutureWarning.)
         timesteps: ``(B,)`` the diffusion times, or None when the masks were drawn by count (time-independent
             networks).
         num_tokens: number of tokens the per-token averages are taken over.
@@ -77,12 +79,21 @@ class MDMPrimeDiffusionOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     elbo: torch.FloatTensor | None = None
-    prime_objective: torch.FloatTensor | None = None
+    paper_objective: torch.FloatTensor | None = None
     timesteps: torch.FloatTensor | None = None
     num_tokens: torch.LongTensor | None = None
     power_max: torch.FloatTensor | None = None
     power_min: torch.FloatTensor | None = None
     power_mean: torch.FloatTensor | None = None
+
+    @property
+    def prime_objective(self) -> torch.FloatTensor | None:
+        warnings.warn(
+            "MDMPrimeDiffusionOutput.prime_objective is now paper_objective (one name for the paper objective).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.paper_objective
 
 
 @dataclass
@@ -619,12 +630,12 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         num_tokens = scored.sum()
         denom = num_tokens.clamp(min=1)
         elbo = (weight * valid).sum() / denom
-        prime_objective = (weight * prime).sum() / denom
-        loss = elbo if self.config.loss_type == "elbo" else prime_objective
+        paper_objective = (weight * prime).sum() / denom
+        loss = elbo if self.config.loss_type == "elbo" else paper_objective
         output = MDMPrimeDiffusionOutput(
             loss=loss,
             elbo=elbo.detach(),
-            prime_objective=prime_objective.detach(),
+            paper_objective=paper_objective.detach(),
             timesteps=None if noise.t is None else noise.t.float(),
             num_tokens=num_tokens,
         )
@@ -729,7 +740,7 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         return MDMPrimeDiffusionOutput(
             loss=loss,
             elbo=elbo,
-            prime_objective=elbo,  # ℓ = 1: the paper objective is the bound
+            paper_objective=elbo,  # ℓ = 1: the paper objective is the bound
             timesteps=t[:batch].float(),
             num_tokens=num_tokens,
             power_max=w.max(),
