@@ -297,3 +297,32 @@ def test_is_greedy_is_computed_by_default():
     assert greedy is True
     ((_, skipped),) = MDMPrimeLM(oracle, mc_samples=2, is_greedy=False)._loglikelihood_tokens(requests)
     assert skipped is False
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_per_row_generators_make_the_bound_independent_of_the_batch(time_conditioning):
+    """nll_bound with one generator per row and a scored_mask (the lm-eval adapter's call): each row's samples are
+    those of the row alone (same draws; padding and neighbours change nothing but float rounding), and the
+    context tokens are never masked, so a fully clean row's bound is 0."""
+    model = tiny_model(time_conditioning=time_conditioning)
+    rows = [list(range(5, 25)), list(range(40, 52)), list(range(60, 68))]
+    ids = torch.zeros(3, 20, dtype=torch.long)
+    real = torch.zeros(3, 20, dtype=torch.long)
+    target = torch.zeros(3, 20, dtype=torch.bool)
+    for r, tokens in enumerate(rows):
+        ids[r, : len(tokens)] = torch.tensor(tokens)
+        real[r, : len(tokens)] = 1
+        target[r, 4 : len(tokens)] = r < 2  # row 2 is all context
+    generators = [torch.Generator().manual_seed(100 + r) for r in range(3)]
+    batched = model.nll_bound(ids, real, num_samples=6, generator=generators, scored_mask=target)
+    for r, tokens in enumerate(rows):
+        alone = model.nll_bound(
+            ids[r : r + 1, : len(tokens)],
+            num_samples=6,
+            generator=[torch.Generator().manual_seed(100 + r)],
+            scored_mask=target[r : r + 1, : len(tokens)],
+        )
+        assert torch.allclose(batched.nll_samples[r], alone.nll_samples[0], rtol=1e-5, atol=1e-4)
+    assert batched.num_tokens.tolist() == [16, 8, 0] and batched.nll[2].item() == 0.0
+    with pytest.raises(ValueError, match="one per row"):
+        model.nll_bound(ids, real, generator=generators[:2])

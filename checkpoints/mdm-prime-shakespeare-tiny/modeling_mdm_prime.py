@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,7 @@ class MDMPrimeNLLOutput(ModelOutput):
         num_tokens: ``(B,)`` tokens scored per sequence; perplexity = exp(Σ nll / Σ num_tokens).
         paper_objective: ``(B,)`` the MDM-Prime paper objective (continuous time only). Not a bound.
         paper_objective_stderr: ``(B,)`` its standard error.
+        nll_samples: ``(B, K)`` the Monte-Carlo samples whose mean is ``nll`` (float64).
     """
 
     nll: torch.FloatTensor | None = None
@@ -113,6 +115,7 @@ class MDMPrimeNLLOutput(ModelOutput):
     num_tokens: torch.LongTensor | None = None
     paper_objective: torch.FloatTensor | None = None
     paper_objective_stderr: torch.FloatTensor | None = None
+    nll_samples: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -804,9 +807,15 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         attention_mask: torch.Tensor | None = None,
         num_samples: int = 16,
         num_steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        scored_mask: torch.Tensor | None = None,
     ) -> MDMPrimeNLLOutput:
         """Monte-Carlo estimate of the valid NELBO, an upper bound on ``-log p_θ(x)``, in nats per sequence.
+
+        With ``scored_mask`` ``(B, L)`` (1 = scored), only those tokens are ever masked and the others stay clean
+        as context: the conditional bound ``L(x_scored | x_context) >= -log p_θ(x_scored | x_context)``, which the
+        lm-eval adapter reports. ``generator`` may be one generator per row: each row's draws then come from its own
+        generator, over its own real tokens, so a row's estimate does not depend on the batch it is in.
 
         Continuous time (``num_steps=None``, docs/concepts/honest-likelihoods.md):
             ``L = E_t[ w(t) Σ_i Σ_{j masked} -log p̄(y0^{i,j} | y_t) ]``
@@ -828,13 +837,32 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
             raise ValueError(f"num_steps must be a positive integer or None, got {num_steps!r}.")
-        ids, scored = self._prepare_tokens(input_ids, attention_mask)
+        ids, real = self._prepare_tokens(input_ids, attention_mask)
+        scored = real
+        if scored_mask is not None:
+            if scored_mask.shape != ids.shape:
+                raise ValueError(
+                    f"scored_mask shape {tuple(scored_mask.shape)} does not match input_ids {tuple(ids.shape)}."
+                )
+            scored = real & scored_mask.bool()
+        row_generators = isinstance(generator, (list, tuple))
+        if row_generators and len(generator) != ids.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {ids.shape[0]} rows; expected one per row.")
         if self.state_dependent:
+            if scored_mask is not None or row_generators:
+                raise ValueError(
+                    "GenMD4 models (noise_schedule='learnable_polynomial') take neither scored_mask nor per-row "
+                    "generators: their masking-time estimator scores whole sequences."
+                )
             return self._genmd4_nll_bound(ids, scored, attention_mask, num_samples, num_steps, generator)
         batch, device = ids.shape[0], ids.device
         schedule = self.noise_schedule.exact()
         clean = self.codec.encode(ids, check=False)
-        u = torch.rand(batch, 1, generator=generator, device=device, dtype=torch.float64)
+        if row_generators:
+            u = torch.cat([torch.rand(1, 1, generator=g, device=g.device, dtype=torch.float64) for g in generator])
+            u = u.to(device)
+        else:
+            u = torch.rand(batch, 1, generator=generator, device=device, dtype=torch.float64)
         strata = torch.remainder(u + torch.arange(num_samples, device=device) / num_samples, 1.0)  # (B, K)
         if num_steps is not None:
             alphas = schedule.alpha(torch.arange(num_steps + 1, device=device, dtype=torch.float64) / num_steps)
@@ -844,7 +872,10 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         self.eval()  # a likelihood is a property of the model, not of a dropout mask
         try:
             for k in range(num_samples):
-                noise = self._corrupt(clean, scored, strata[:, k], schedule, generator, num_steps=num_steps)
+                if row_generators:
+                    noise = self._corrupt_rows(clean, scored, real, strata[:, k], schedule, generator, num_steps)
+                else:
+                    noise = self._corrupt(clean, scored, strata[:, k], schedule, generator, num_steps=num_steps)
                 masked = noise.masked
                 rows = masked.any(-1)
                 logits = self.token_logits(
@@ -883,7 +914,42 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             num_tokens=scored.sum(1),
             paper_objective=prime,
             paper_objective_stderr=prime_stderr,
+            nll_samples=valid_samples,
         )
+
+    def _corrupt_rows(
+        self,
+        clean: torch.Tensor,
+        maskable: torch.Tensor,
+        real: torch.Tensor,
+        strata: torch.Tensor,
+        schedule: NoiseSchedule,
+        generators: Sequence[torch.Generator],
+        num_steps: int | None,
+    ) -> _Corruption:
+        """:meth:`_corrupt` with one generator per row, each drawing over its own row's real tokens only (so the
+        draws of a row do not depend on the other rows, the padding or the batch width)."""
+        draws = []
+        for b, g in enumerate(generators):
+            keep = real[b]
+            row = self._corrupt(
+                clean[b : b + 1, keep].to(g.device),
+                maskable[b : b + 1, keep].to(g.device),
+                strata[b : b + 1].to(g.device),
+                schedule,
+                g,
+                num_steps=num_steps,
+            )
+            draws.append((keep, row))
+        masked = torch.zeros_like(clean, dtype=torch.bool)
+        for b, (keep, row) in enumerate(draws):
+            masked[b, keep] = row.masked[0].to(clean.device)
+
+        def gather(name: str) -> torch.Tensor | None:
+            values = [getattr(row, name) for _, row in draws]
+            return None if values[0] is None else torch.cat([v.to(clean.device) for v in values])
+
+        return _Corruption(masked, gather("weight"), gather("alpha"), gather("t"), gather("step"))
 
     @torch.no_grad()
     def _genmd4_nll_bound(

@@ -50,7 +50,6 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from ..losses_mdm_prime import diffusion_terms, sample_mask_counts
 from ..modeling_mdm_prime import MDMPrimeForMaskedDiffusion
 
 logger = logging.getLogger(__name__)
@@ -104,63 +103,6 @@ def occurrence_seed(seed: int, occurrence: int) -> int:
     return int(seed) if occurrence == 0 else request_seed(seed, [occurrence]) % 2**62
 
 
-def draw_count_noise(
-    maskable: torch.Tensor, num_sub_tokens: int, num_samples: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``num_samples`` draws of the count estimator for one sequence, stratified over k.
-
-    The draws are made exactly as :meth:`MDMPrimeForMaskedDiffusion.nll_bound` makes them for a batch of one
-    (one uniform offset ``u``, strata ``(u + s/K) mod 1``, then one :func:`sample_mask_counts` per sample), so
-    with ``maskable`` all True and the same generator the two estimates coincide.
-
-    Args:
-        maskable: ``(L,)`` bool, the positions whose sub-tokens may be masked (the continuation).
-    Returns:
-        ``(K, L, ℓ)`` bool masks, ``(K,)`` float64 weights N/k and ``(K,)`` float64 noise levels t ~ Beta(k, N-k+1)
-        (told to time-conditioned networks).
-    """
-    u = torch.rand(1, 1, generator=generator, dtype=torch.float64)
-    strata = torch.remainder(u + torch.arange(num_samples) / num_samples, 1.0)  # (1, K)
-    masks, weights, levels = [], [], []
-    for s in range(num_samples):
-        mask, weight, level = sample_mask_counts(
-            maskable.unsqueeze(0), num_sub_tokens, strata[:, s], generator, return_level=True
-        )
-        masks.append(mask[0])
-        weights.append(weight.double())  # nll_bound's weight: float32(N/k) as float64
-        levels.append(level)
-    return torch.stack(masks), torch.cat(weights), torch.cat(levels)
-
-
-@torch.no_grad()
-def score_masked_rows(
-    model: MDMPrimeForMaskedDiffusion,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    masked: torch.Tensor,
-    levels: torch.Tensor,
-) -> torch.Tensor:
-    """Unweighted valid-bound integrand of each row: ``Σ_i Σ_{j masked} -log p̄_θ(y0^{i,j} | y_t)``.
-
-    Args:
-        input_ids, attention_mask: ``(R, L)`` clean tokens and real-token mask.
-        masked: ``(R, L, ℓ)`` bool, the masked sub-tokens (never on padding).
-        levels: ``(R,)`` float64 masking probabilities t (used only by time-conditioned networks).
-    Returns:
-        ``(R,)`` float64 sums in nats.
-    """
-    codec = model.codec
-    clean = codec.encode(input_ids, check=False)
-    rows = masked.any(-1)
-    # As nll_bound: the network is told 1 - α with α = 1 - t.
-    noise_level = (1.0 - (1.0 - levels)) if model.config.time_conditioning else None
-    logits = model.token_logits(clean.masked_fill(masked, codec.mask_id), attention_mask, noise_level, rows)
-    valid, _ = diffusion_terms(logits, input_ids[rows], masked[rows], codec, model.config.carry_over)
-    row_of = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(rows)[rows]
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
-    return sums.index_add_(0, row_of, valid.double())
-
-
 def _pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -181,10 +123,13 @@ def conditional_bounds(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Count-estimator NELBO of each ``(context, target)`` window, context clean, target's sub-tokens masked.
+    """NELBO of each ``(context, target)`` window with the context clean: the model's own
+    :meth:`~MDMPrimeForMaskedDiffusion.nll_bound` with ``scored_mask`` on the target (the one likelihood
+    implementation of the package; the count estimator, stratified over k).
 
-    The ``K = num_samples`` draws of window w come from a generator seeded with ``seeds[w]``; the network sees
-    rows of ``context + target`` in batches of ``batch_size`` rows (right padding, never attended to).
+    The ``K = num_samples`` draws of window w come from its own generator, seeded with ``seeds[w]``, so a window's
+    estimate does not depend on the batch it is scored in. Windows are scored ``batch_size // K`` at a time
+    (``batch_size`` rows per forward pass), longest first, right-padded (padding is never attended to).
 
     Returns:
         ``(W, K)`` float64 Monte-Carlo samples of ``L(target | context)`` (nats; their mean estimates the bound,
@@ -196,35 +141,23 @@ def conditional_bounds(
             "adapter implements the count estimator of fixed schedules only."
         )
     device = torch.device(device) if device is not None else model.device
-    ell = model.codec.num_sub_tokens
     samples = torch.zeros(len(windows), num_samples, dtype=torch.float64)
-    rows: list[tuple[int, int]] = []  # (window, sample)
-    noise: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for w, ((context, target), seed) in enumerate(zip(windows, seeds, strict=True)):
-        if not target:
-            continue
-        maskable = torch.zeros(len(context) + len(target), dtype=torch.bool)
-        maskable[len(context) :] = True
-        noise.append(draw_count_noise(maskable, ell, num_samples, torch.Generator().manual_seed(seed)))
-        rows.extend((w, s) for s in range(num_samples))
-    index_of = {}
-    for w, _ in rows:
-        index_of.setdefault(w, len(index_of))
-    # Longest rows first: batches hold rows of similar length, so padding stays small.
-    order = sorted(range(len(rows)), key=lambda r: -sum(map(len, windows[rows[r][0]])))
-    for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="mdm_prime bounds"):
-        chunk = [rows[r] for r in order[start : start + batch_size]]
-        ids, real = _pad_right([list(windows[w][0]) + list(windows[w][1]) for w, _ in chunk], 0)
-        masked = torch.zeros(*ids.shape, ell, dtype=torch.bool)
-        levels = torch.ones(len(chunk), dtype=torch.float64)
-        weights = torch.zeros(len(chunk), dtype=torch.float64)
-        for row, (w, s) in enumerate(chunk):
-            mask, weight, level = (t[s] for t in noise[index_of[w]])
-            masked[row, : mask.shape[0]] = mask
-            weights[row], levels[row] = weight, level
-        sums = score_masked_rows(model, ids.to(device), real.to(device), masked.to(device), levels.to(device)).cpu()
-        for row, (w, s) in enumerate(chunk):
-            samples[w, s] = sums[row] * weights[row]
+    scored = sorted((w for w, (_, target) in enumerate(windows) if target), key=lambda w: -sum(map(len, windows[w])))
+    per_call = max(1, batch_size // num_samples)
+    for start in tqdm(range(0, len(scored), per_call), disable=not progress, desc="mdm_prime bounds"):
+        chunk = scored[start : start + per_call]
+        ids, real = _pad_right([list(windows[w][0]) + list(windows[w][1]) for w in chunk], 0)
+        target = torch.zeros_like(real, dtype=torch.bool)
+        for row, w in enumerate(chunk):
+            target[row, len(windows[w][0]) : len(windows[w][0]) + len(windows[w][1])] = True
+        out = model.nll_bound(
+            ids.to(device),
+            real.to(device),
+            num_samples=num_samples,
+            generator=[torch.Generator().manual_seed(seeds[w]) for w in chunk],
+            scored_mask=target.to(device),
+        )
+        samples[chunk] = out.nll_samples.cpu()
     lengths = torch.tensor([len(t) for _, t in windows])
     return samples, lengths
 
