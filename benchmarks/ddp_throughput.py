@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60, help="training steps per run")
     p.add_argument("--skip", type=int, default=10, help="steps excluded from the timing (start-up)")
@@ -32,7 +32,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--output", type=Path, default=REPO / "benchmarks" / "results" / "ddp_throughput.json", help="results JSON"
     )
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def free_port() -> int:
@@ -65,8 +65,8 @@ def run(processes: int, a: argparse.Namespace, workdir: Path) -> float:
     return tokens / (seconds[a.steps] - seconds[a.skip])
 
 
-def main() -> None:
-    a = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     results: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(a.rounds):

@@ -45,7 +45,7 @@ except ModuleNotFoundError:  # run as a file from a checkout without installing:
 ELLS = (1, 2, 4)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vocab-size", type=int, default=50257, help="vocabulary C (GPT-2: 50,257)")
     p.add_argument("--hidden-size", type=int, default=128, help="transformer width")
@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and generation")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/generation.json"), help="results JSON")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def sync(device: torch.device) -> None:
@@ -131,8 +131,8 @@ def isr_formula(steps: int, length: int, ell: int) -> float:
     return (1 - 1 / steps) ** (length * ell)
 
 
-def main() -> None:
-    a = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

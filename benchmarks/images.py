@@ -91,12 +91,12 @@ def plot(rows: list[dict], floor: float, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke configuration")
     parser.add_argument("--work_dir", default="outputs/benchmark_images", help="where the models are trained")
     parser.add_argument("--reuse_models", action="store_true", help="keep models already trained in work_dir")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     settings = TINY if args.tiny else FULL
     torch.manual_seed(0)
     split = load_digits_split(seed=0)

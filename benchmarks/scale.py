@@ -393,8 +393,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    a = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     if a.memory_cell is not None:
         print(json.dumps(memory_cell(json.loads(a.memory_cell))), flush=True)
         return

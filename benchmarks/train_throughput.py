@@ -46,7 +46,7 @@ ELLS = (1, 2, 4)
 MiB = 2**20
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden-size", type=int, default=256, help="transformer width")
     p.add_argument("--num-layers", type=int, default=4, help="transformer blocks")
@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bf16"), default="float32", help="bf16 = autocast (for CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and inputs")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/train_throughput.json"), help="results JSON")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def build_models(a: argparse.Namespace, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -144,8 +144,8 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def main() -> None:
-    a = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -204,10 +204,10 @@ def load_splits(args: ScriptArguments, tokenizer, block_size: int, seed: int) ->
     return split["train"], split["test"], jsonl
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((ScriptArguments, TrainingArguments))
     parser.set_defaults(report_to="none")
-    args, training_args = parser.parse_args_into_dataclasses()
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)
     set_seed(training_args.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=True)

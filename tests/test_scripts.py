@@ -147,3 +147,12 @@ def test_every_distributed_script_ends_its_run(script):
     calls = _calls(REPO / script)
     if calls & {"Accelerator", "make_accelerator", "Trainer"}:
         assert "end_run" in calls, f"{script} sets up a (possibly distributed) run but never calls end_run"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_main_with_argv(script):
+    """One calling convention: ``main(argv=None)``, so a script runs from Python (tests, notebooks) as from a shell."""
+    tree = ast.parse((REPO / script).read_text(encoding="utf-8"))
+    (main,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main"]
+    names = [a.arg for a in main.args.args]
+    assert names == ["argv"] and len(main.args.defaults) == 1, f"{script}: main({', '.join(names)})"
