@@ -200,8 +200,9 @@ def render_card_template(template_text: str, card_data: Any, variables: Mapping[
         )
     except jinja2.exceptions.SecurityError as error:
         raise ValueError(
-            f"Model card template {where} was refused: {error}. A card template may format the variables it is "
-            "given (see the header of modeling_mdm_prime/tools/model_card_template.md), not reach Python internals."
+            f"Model card template {where} was refused: {str(error).rstrip('.')}. A card template may format the "
+            "variables it is given (see the header of modeling_mdm_prime/tools/model_card_template.md), not reach "
+            "Python internals."
         ) from None
     except jinja2.exceptions.TemplateError as error:
         raise ValueError(f"Model card template {where} could not be rendered: {error}.") from None
