@@ -929,7 +929,8 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
     ) -> _Corruption:
         """:meth:`_corrupt` with one generator per row, each drawing over its own row's real tokens only (so the
         draws of a row do not depend on the other rows, the padding or the batch width)."""
-        draws = []
+        masked = torch.zeros_like(clean, dtype=torch.bool)
+        rows = []
         for b, g in enumerate(generators):
             keep = real[b]
             row = self._corrupt(
@@ -940,14 +941,12 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
                 g,
                 num_steps=num_steps,
             )
-            draws.append((keep, row))
-        masked = torch.zeros_like(clean, dtype=torch.bool)
-        for b, (keep, row) in enumerate(draws):
             masked[b, keep] = row.masked[0].to(clean.device)
+            rows.append(row)
 
         def gather(name: str) -> torch.Tensor | None:
-            values = [getattr(row, name) for _, row in draws]
-            return None if values[0] is None else torch.cat([v.to(clean.device) for v in values])
+            values = [getattr(row, name) for row in rows]
+            return None if values[0] is None else torch.cat(values).to(clean.device)
 
         return _Corruption(masked, gather("weight"), gather("alpha"), gather("t"), gather("step"))
 

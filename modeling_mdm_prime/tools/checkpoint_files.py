@@ -50,8 +50,8 @@ REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModel")
 EVAL_FILE = "eval_results.json"
 TRAINING_CONFIG_FILE = "training_config.json"
 SAMPLES_FILE = "samples.txt"
-# The published files besides weights, code and tokenizer (README's "What is uploaded" table). README.md is not
-# among them: the card is generated.
+# The published files besides weights, code and tokenizer (docs/guides/publishing.md, "What is uploaded").
+# README.md is not among them: the card is generated.
 CONVERSION_FILE = "conversion.json"  # written by modeling_mdm_prime.tools.convert: what a conversion did
 MODEL_FILES = (
     "config.json",
@@ -175,7 +175,7 @@ def refuse_outside_files(folder: str | os.PathLike, names: Iterable[str]) -> Non
 def select_files(checkpoint_dir: str | os.PathLike, extra_files: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """The files a push takes from a checkpoint folder, and the ones it leaves out.
 
-    Published (README's "What is uploaded" table), where present: the weights (``model.safetensors``, or
+    Published (docs/guides/publishing.md, "What is uploaded"), where present: the weights (``model.safetensors``, or
     ``model.safetensors.index.json`` and the shards it names), ``config.json``, the code files that
     ``trust_remote_code`` loads (:func:`shipped_code_files`), ``generation_config.json`` and
     ``training_config.json``; for a text model the tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,

@@ -1,6 +1,6 @@
 """lm-evaluation-harness model ``mdm_prime`` for MDM-Prime / MD4 checkpoints (not shipped as remote code).
 
-Every number this model returns is built from the valid bound (README "Honest likelihoods"):
+Every number this model returns is built from the valid bound (docs/concepts/honest-likelihoods.md):
 
 * ``loglikelihood``: ``-L̂(cont | ctx)``, where ``L(cont | ctx) ≥ -log p_θ(cont | ctx)`` is the continuous-time NELBO
   of the continuation with the context clean. Only the continuation's ``N = |cont| · ℓ`` sub-tokens are ever
