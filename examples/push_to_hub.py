@@ -9,14 +9,14 @@
 
 The checkpoint folder is what ``examples/pretrain.py`` saves (``<output_dir>/final``), or any ``save_pretrained``
 folder with the tokenizer. It is checked before anything is sent; pickles are refused (by name and by content). Only
-the files of the model are published (docs/guides/publishing.md, "What is uploaded"); the rest of the folder is
-left out and listed, and ``--include PATTERN`` publishes more. Put ``eval_results.json`` in it first
+the files of the model are published (docs/guides/publishing.md, "What is uploaded"); the rest of the folder is left
+out and listed, and ``--include PATTERN`` publishes more. Put ``eval_results.json`` in it first
 (``examples/evaluate_ppl.py --write_results``) to publish the held-out valid-bound perplexity in the card's
 metadata. An image checkpoint (``examples/train_images.py``'s ``final/``) needs no tokenizer: its ``samples.png``
-and ``metrics.json`` are published, with ``examples/evaluate_images.py``'s ``eval_images.json`` when present (bits per dimension, FID or
-classifier Fréchet distance in the card), and its card has the sample grid and no text-generation tag. Publishing
-again to the same repository adds a commit with what changed. A failed push changes nothing: run the same command
-again.
+and ``metrics.json`` are published, with ``examples/evaluate_images.py``'s ``eval_images.json`` when present (bits
+per dimension, FID or classifier Fréchet distance in the card), and its card has the sample grid and no
+text-generation tag. Publishing again to the same repository adds a commit with what changed. A failed push changes
+nothing: run the same command again.
 
 The token comes from ``--token``, ``HF_TOKEN`` or ``hf auth login``; ``HF_ENDPOINT`` selects another Hub.
 """
