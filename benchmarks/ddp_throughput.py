@@ -26,8 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60, help="training steps per run")
     p.add_argument("--skip", type=int, default=10, help="steps excluded from the timing (start-up)")
-    p.add_argument("--batch-size", type=int, default=16, help="per process")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=16, help="per process")
+    p.add_argument("--seq_len", "--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of each configuration")
     p.add_argument(
         "--output", type=Path, default=REPO / "benchmarks" / "results" / "ddp_throughput.json", help="results JSON"

@@ -10,7 +10,7 @@ Every candidate is a set of ``pretrain.py`` flags on top of the script's default
 2. runs ``examples/pretrain.py`` with those flags in a subprocess (the real script: data, loader, EMA, schedule,
    ``final/``), evaluating and checkpointing only at the end, and reads the training seconds it logged;
 3. scores the saved ``final/`` (the EMA weights, as a user gets them) with one evaluation common to all candidates:
-   the valid bound ``nll_bound`` on the first ``--eval-blocks`` held-out blocks with ``--time-samples`` time samples
+   the valid bound ``nll_bound`` on the first ``--eval_blocks`` held-out blocks with ``--num_time_samples`` time samples
    each, the same seeds for every model. Perplexity ``exp(NELBO/token)`` is an upper bound on the true perplexity.
    Differences to the first candidate are paired over the same blocks, so their standard error is much smaller
    than that of each value.
@@ -70,17 +70,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=180.0, help="training seconds per candidate")
     p.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated names from CANDIDATES")
     p.add_argument("--extra", default=None, help='JSON {"name": {flag: value}} of further candidates')
-    p.add_argument("--eval-blocks", type=int, default=512, help="held-out blocks in the common evaluation")
-    p.add_argument("--time-samples", type=int, default=2, help="time samples per held-out block")
     p.add_argument(
-        "--output-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON, table and plots go"
+        "--eval_blocks", "--eval-blocks", type=int, default=512, help="held-out blocks in the common evaluation"
     )
-    p.add_argument("--run-dir", type=Path, default=Path("outputs/default_budget"), help="the runs' output_dirs")
+    p.add_argument("--num_time_samples", "--time-samples", type=int, default=2, help="time samples per held-out block")
+    p.add_argument(
+        "--output_dir",
+        "--output-dir",
+        type=Path,
+        default=REPO / "benchmarks" / "results",
+        help="where the JSON, table and plots go",
+    )
+    p.add_argument(
+        "--run_dir", "--run-dir", type=Path, default=Path("outputs/default_budget"), help="the runs' output_dirs"
+    )
     p.add_argument("--tag", default="default_budget", help="file name of the results")
     p.add_argument("--tiny", action="store_true", help="smoke configuration: seconds, not minutes")
     a = p.parse_args(argv)
     if a.tiny:
-        a.budget, a.eval_blocks, a.time_samples, a.tag = 3.0, 8, 1, a.tag + "_tiny"
+        a.budget, a.eval_blocks, a.num_time_samples, a.tag = 3.0, 8, 1, a.tag + "_tiny"
     a.extra = json.loads(a.extra) if a.extra else {}
     known = {**CANDIDATES, **a.extra}
     a.names = [n for n in a.candidates.split(",") if n] + [n for n in a.extra if n not in a.candidates.split(",")]
@@ -150,7 +158,7 @@ def common_evaluation(flags: dict[str, object], final: Path, a: argparse.Namespa
     nll, tokens = [], []
     for start in range(0, len(ids), 32):
         out = model.nll_bound(
-            ids[start : start + 32], attention_mask=mask[start : start + 32], num_samples=a.time_samples,
+            ids[start : start + 32], attention_mask=mask[start : start + 32], num_time_samples=a.num_time_samples,
             generator=torch.Generator().manual_seed(start),
         )  # fmt: skip
         nll += out.nll.tolist()
@@ -234,7 +242,7 @@ def rerender(path: Path) -> None:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     a.output_dir.mkdir(parents=True, exist_ok=True)
-    results = {"budget": a.budget, "eval_blocks": a.eval_blocks, "time_samples": a.time_samples,
+    results = {"budget": a.budget, "eval_blocks": a.eval_blocks, "time_samples": a.num_time_samples,
                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "runs": {}}  # fmt: skip
     for name in a.names:

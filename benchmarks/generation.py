@@ -47,17 +47,29 @@ ELLS = (1, 2, 4)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab-size", type=int, default=50257, help="vocabulary C (GPT-2: 50,257)")
-    p.add_argument("--hidden-size", type=int, default=128, help="transformer width")
-    p.add_argument("--num-layers", type=int, default=2, help="transformer blocks")
-    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
-    p.add_argument("--intermediate-size", type=int, default=None, help="default: 4 × hidden size")
-    p.add_argument("--seq-len", type=int, default=64, help="L, generated tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=4, help="B of parts 1 and 3")
-    p.add_argument("--cache-batch-size", type=int, default=1, help="B of part 2 (the ISR formula is for B = 1)")
-    p.add_argument("--long-steps", type=int, default=4, help="part 2 also runs T = this × L")
+    p.add_argument("--vocab_size", "--vocab-size", type=int, default=50257, help="vocabulary C (GPT-2: 50,257)")
+    p.add_argument("--hidden_size", "--hidden-size", type=int, default=128, help="transformer width")
+    p.add_argument(
+        "--num_hidden_layers", "--num_layers", "--num-layers", type=int, default=2, help="transformer blocks"
+    )
+    p.add_argument("--num_attention_heads", "--num_heads", "--num-heads", type=int, default=4, help="attention heads")
+    p.add_argument(
+        "--intermediate_size", "--intermediate-size", type=int, default=None, help="default: 4 × hidden size"
+    )
+    p.add_argument("--seq_len", "--seq-len", type=int, default=64, help="L, generated tokens per sequence")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=4, help="B of parts 1 and 3")
+    p.add_argument(
+        "--cache_batch_size",
+        "--cache-batch-size",
+        type=int,
+        default=1,
+        help="B of part 2 (the ISR formula is for B = 1)",
+    )
+    p.add_argument("--long_steps", "--long-steps", type=int, default=4, help="part 2 also runs T = this × L")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
-    p.add_argument("--forward-repeats", type=int, default=3, help="timed denoise calls per ℓ per round")
+    p.add_argument(
+        "--forward_repeats", "--forward-repeats", type=int, default=3, help="timed denoise calls per ℓ per round"
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and generation")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/generation.json"), help="results JSON")
@@ -78,8 +90,8 @@ def device_name(device: torch.device) -> str:
 def build_model(a: argparse.Namespace, ell: int, device: torch.device) -> MDMPrimeForMaskedDiffusion:
     torch.manual_seed(a.seed)
     cfg = MDMPrimeConfig(
-        vocab_size=a.vocab_size, num_sub_tokens=ell, hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
-        num_attention_heads=a.num_heads, intermediate_size=a.intermediate_size or 4 * a.hidden_size,
+        vocab_size=a.vocab_size, num_sub_tokens=ell, hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
+        num_attention_heads=a.num_attention_heads, intermediate_size=a.intermediate_size or 4 * a.hidden_size,
         max_position_embeddings=a.seq_len, dropout=0.0,
     )  # fmt: skip
     model = MDMPrimeForMaskedDiffusion(cfg).to(device).eval()

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -30,65 +29,35 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
-from pretrain import (  # noqa: E402
-    PretrainConfig,
-    build_model,
-    build_tokenizer,
-    load_corpus,
-    optimizer_groups,
-    plot_powers,
-    tokenize_blocks,
-)
+from modeling_mdm_prime import MDMPrimeForMaskedDiffusion
+from modeling_mdm_prime.tools.cli import add_common_arguments, add_sized_arguments, sized_defaults
+from modeling_mdm_prime.tools.data import DataConfig, build_tokenizer, load_corpus, tokenize_blocks
+from modeling_mdm_prime.tools.training import optimizer_groups, plot_powers, text_model_config
 
-FULL = dict(hidden=128, layers=4, heads=4, seq_len=128, bpe_vocab=1024, batch=16, steps=500, lr=2e-3,
-            eval_blocks=64, time_samples=8, max_documents=None)  # fmt: skip
-HELP = {
-    "hidden": "transformer width",
-    "layers": "transformer blocks",
-    "heads": "attention heads",
-    "seq_len": "tokens per block",
-    "bpe_vocab": "BPE vocabulary size trained on the corpus",
-    "batch": "sequences per step",
-    "steps": "training steps per model",
-    "lr": "peak AdamW learning rate",
-    "eval_blocks": "held-out blocks scored",
-    "time_samples": "Monte-Carlo draws of the bound per block",
-    "max_documents": "use only the first N documents of the corpus (None: all)",
-}
-TINY = dict(hidden=32, layers=1, heads=2, seq_len=32, bpe_vocab=300, batch=4, steps=4, lr=2e-3, eval_blocks=4,
-            time_samples=2, max_documents=6)  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+
+FULL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, seq_len=128, bpe_vocab_size=1024,
+            batch_size=16, max_steps=500, learning_rate=2e-3, eval_blocks=64, num_time_samples=8,
+            max_documents=None)  # fmt: skip
+TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, seq_len=32, bpe_vocab_size=300, batch_size=4,
+            max_steps=4, learning_rate=2e-3, eval_blocks=4, num_time_samples=2, max_documents=6)  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="smoke-test configuration")
-    p.add_argument(
-        "--output-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON, table and plots go"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")
-    for key, value in FULL.items():
-        p.add_argument(
-            f"--{key.replace('_', '-')}",
-            type=type(value) if value is not None else int,
-            default=None,
-            help=f"{HELP[key]} (default {value}; --tiny: {TINY[key]})",
-        )
-    args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    add_common_arguments(p, REPO / "benchmarks" / "results", "seed of data order, initialisation and sampling")
+    add_sized_arguments(p, FULL, TINY)
+    return sized_defaults(p.parse_args(argv), FULL, TINY)
 
 
 def build(schedule: str, a: argparse.Namespace, tokenizer):
     torch.manual_seed(a.seed)  # the same initial network for both models
-    cfg = PretrainConfig(
-        num_sub_tokens=1, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
-        intermediate_size=4 * a.hidden, seq_len=a.seq_len, time_conditioning=True, noise_schedule=schedule,
+    config = text_model_config(
+        tokenizer, a.seq_len, num_sub_tokens=1, hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
+        num_attention_heads=a.num_attention_heads, intermediate_size=4 * a.hidden_size, time_conditioning=True,
+        noise_schedule=schedule,
     )  # fmt: skip
-    return build_model(cfg, tokenizer), cfg
+    return MDMPrimeForMaskedDiffusion(config)
 
 
 @torch.no_grad()
@@ -96,8 +65,10 @@ def held_out(model, blocks: torch.Tensor, a: argparse.Namespace) -> dict:
     """Valid-bound NELBO per token with its standard error (independent blocks: variances add)."""
     model.eval()
     nll = var = tokens = 0.0
-    for i, b in enumerate(blocks.split(a.batch)):
-        out = model.nll_bound(b, num_samples=a.time_samples, generator=torch.Generator().manual_seed(a.seed + i))
+    for i, b in enumerate(blocks.split(a.batch_size)):
+        out = model.nll_bound(
+            b, num_time_samples=a.num_time_samples, generator=torch.Generator().manual_seed(a.seed + i)
+        )
         nll, var = nll + out.nll.sum().item(), var + out.nll_stderr.pow(2).sum().item()
         tokens += out.num_tokens.sum().item()
     model.train()
@@ -112,9 +83,9 @@ def held_out(model, blocks: torch.Tensor, a: argparse.Namespace) -> dict:
     }
 
 
-def train(model, cfg, name: str, steps: int, evaluate_at: list[int], train_blocks, val_blocks, a) -> list[dict]:
+def train(model, name: str, steps: int, evaluate_at: list[int], train_blocks, val_blocks, a) -> list[dict]:
     """One loop for both models (same data order, optimiser and cosine schedule over ``steps``)."""
-    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg), lr=a.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(optimizer_groups(model, weight_decay=0.0), lr=a.learning_rate, betas=(0.9, 0.98))
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, steps // 15), num_training_steps=steps)
     order = torch.Generator().manual_seed(a.seed)
     torch.manual_seed(a.seed)
@@ -123,15 +94,15 @@ def train(model, cfg, name: str, steps: int, evaluate_at: list[int], train_block
     copies = 2 if model.state_dependent else 1  # masks scored per sequence and step
     bar = tqdm(total=steps, desc=f"training {name}", leave=False)
     while step < steps:
-        for idx in torch.randperm(len(train_blocks), generator=order).split(a.batch):
-            if len(idx) < a.batch or step >= steps:
+        for idx in torch.randperm(len(train_blocks), generator=order).split(a.batch_size):
+            if len(idx) < a.batch_size or step >= steps:
                 continue
             out = model(train_blocks[idx])
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
             step += 1
-            evaluations += copies * a.batch
+            evaluations += copies * a.batch_size
             bar.update()
             if step in evaluate_at:
                 seconds = time.perf_counter() - start
@@ -173,9 +144,9 @@ def power_summary(powers: torch.Tensor, counts: torch.Tensor) -> dict:
 def render_markdown(results: dict) -> str:
     c = results["config"]
     lines = [
-        f"MD4 (linear) vs GenMD4, both time conditioned: hidden {c['hidden']}, {c['layers']} layers, "
-        f"L = {c['seq_len']}, BPE {c['bpe_vocab']}, batch {c['batch']}; {c['eval_blocks']} held-out blocks × "
-        f"{c['time_samples']} time samples. Perplexities are valid upper bounds; ± is 2 standard errors of the "
+        f"MD4 (linear) vs GenMD4, both time conditioned: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+        f"L = {c['seq_len']}, BPE {c['bpe_vocab_size']}, batch {c['batch_size']}; {c['eval_blocks']} held-out blocks × "
+        f"{c['num_time_samples']} time samples. Perplexities are valid upper bounds; ± is 2 standard errors of the "
         "per-token NELBO.",
         "",
         "| model | optimiser steps | sequence evaluations | NELBO (nats/token) | ppl bound | train s |",
@@ -201,7 +172,9 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     a.output_dir.mkdir(parents=True, exist_ok=True)
     prefix = "genmd4_tiny" if a.tiny else "genmd4"
-    data_cfg = PretrainConfig(seq_len=a.seq_len, bpe_vocab_size=a.bpe_vocab, max_documents=a.max_documents, seed=a.seed)
+    data_cfg = DataConfig(
+        seq_len=a.seq_len, bpe_vocab_size=a.bpe_vocab_size, max_documents=a.max_documents, seed=a.seed
+    )
     train_docs, val_docs = load_corpus(data_cfg)
     tokenizer = build_tokenizer(data_cfg, train_docs)
     train_table = tokenize_blocks(train_docs, tokenizer, data_cfg)[:]
@@ -214,21 +187,21 @@ def main(argv=None) -> dict:
         "environment": {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()},
     }
     rows = []
-    for steps in (a.steps, 2 * a.steps):  # each run completes its own cosine schedule
-        md4, md4_cfg = build("linear", a, tokenizer)
-        rows += train(md4, md4_cfg, "MD4 (linear)", steps, [steps], train_blocks, val_blocks, a)
-    genmd4, genmd4_cfg = build("learnable_polynomial", a, tokenizer)
-    rows += train(genmd4, genmd4_cfg, "GenMD4", a.steps, [a.steps], train_blocks, val_blocks, a)
+    for steps in (a.max_steps, 2 * a.max_steps):  # each run completes its own cosine schedule
+        md4 = build("linear", a, tokenizer)
+        rows += train(md4, "MD4 (linear)", steps, [steps], train_blocks, val_blocks, a)
+    genmd4 = build("learnable_polynomial", a, tokenizer)
+    rows += train(genmd4, "GenMD4", a.max_steps, [a.max_steps], train_blocks, val_blocks, a)
     results["rows"] = rows
     powers = genmd4.powers.detach()
     results["powers"] = power_summary(powers, counts)
     results["per_token"] = {"powers": powers.tolist(), "counts": counts.tolist()}
-    plot_powers(powers, counts, a.output_dir / f"{prefix}_powers.png", title=f"GenMD4 after {a.steps} steps")
+    plot_powers(powers, counts, a.output_dir / f"{prefix}_powers.png", title=f"GenMD4 after {a.max_steps} steps")
     by = {(r["model"], r["steps"]): r for r in rows}
     g, same_steps, same_evals = (
-        by[("GenMD4", a.steps)],
-        by[("MD4 (linear)", a.steps)],
-        by[("MD4 (linear)", 2 * a.steps)],
+        by[("GenMD4", a.max_steps)],
+        by[("MD4 (linear)", a.max_steps)],
+        by[("MD4 (linear)", 2 * a.max_steps)],
     )
     for key, ref in (("equal_steps", same_steps), ("equal_evaluations", same_evals)):
         diff = g["nelbo_per_token"] - ref["nelbo_per_token"]

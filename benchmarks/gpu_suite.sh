@@ -51,8 +51,8 @@ run_step tests 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_precisio
   tests/test_codec.py tests/test_modeling.py
 
 # 2. Scale benchmark, bf16 autocast, papers' configuration, batch 8 x 1024 tokens.
-run_step scale 300 "$PY" benchmarks/scale.py --configs paper --compile-configs paper --dtype bf16 --batch-size 8 \
-  --rounds 3 --steps 3 --gen-steps 128
+run_step scale 300 "$PY" benchmarks/scale.py --configs paper --compile_configs paper --dtype bf16 --batch_size 8 \
+  --rounds 3 --steps 3 --gen_steps 128
 
 # 3. Short bf16 pretraining run on the bundled corpus (DDP over all GPUs if there are several).
 PRETRAIN_OUT=$(mktemp -d)

@@ -63,7 +63,9 @@ def train(ell: int, steps: int, output: Path, tiny: bool, reuse: bool) -> float:
 def bits_per_dim(model, images: torch.Tensor, time_samples: int) -> tuple[float, float]:
     per_image = torch.cat(
         [
-            model.nll_bound(chunk, num_samples=time_samples, generator=torch.Generator().manual_seed(i)).bits_per_dim
+            model.nll_bound(
+                chunk, num_time_samples=time_samples, generator=torch.Generator().manual_seed(i)
+            ).bits_per_dim
             for i, chunk in enumerate(images.split(120))
         ]
     )

@@ -58,8 +58,10 @@ class TimedLM(MDMPrimeLM):
         return self._timed("generate_until", super().generate_until, requests, *args, **kwargs)
 
 
-def run(checkpoint: Path, mc_samples: int, tasks: list[str], seed: int, batch_size: int, is_greedy=False) -> dict:
-    lm = TimedLM(str(checkpoint), mc_samples=mc_samples, seed=seed, batch_size=batch_size, is_greedy=is_greedy)
+def run(checkpoint: Path, num_time_samples: int, tasks: list[str], seed: int, batch_size: int, is_greedy=False) -> dict:
+    lm = TimedLM(
+        str(checkpoint), num_time_samples=num_time_samples, seed=seed, batch_size=batch_size, is_greedy=is_greedy
+    )
     manager = TaskManager(include_path=str(REPO / "tests" / "lm_eval_tasks"))
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=False)
     scores = {}
@@ -95,7 +97,7 @@ def render_markdown(results: dict) -> str:
         f"lm-eval {results['lm_eval_version']} on `{results['checkpoint']}`, local tasks of tests/lm_eval_tasks "
         f"({results['device']}, batch_size {results['batch_size']}, generation: {results['generation']}).",
         "",
-        "| K (mc_samples) | task / metric | value | s.e. over documents | Monte-Carlo s.e. |",
+        "| K (num_time_samples) | task / metric | value | s.e. over documents | Monte-Carlo s.e. |",
         "|---|---|---|---|---|",
     ]
     for run_ in results["runs"]:
@@ -103,17 +105,18 @@ def render_markdown(results: dict) -> str:
             stderr = "n/a" if score["stderr"] is None else f"{score['stderr']:.4g}"
             mc = score.get("monte_carlo_stderr")
             mc = "-" if mc is None else f"{mc:.4g}"
-            lines.append(f"| {run_['mc_samples']} | {name} | {score['value']:.4g} | {stderr} | {mc} |")
+            lines.append(f"| {run_['num_time_samples']} | {name} | {score['value']:.4g} | {stderr} | {mc} |")
     lines += [
         "",
-        "| K (mc_samples) | method | requests | seconds | s / request | mean Monte-Carlo s.e. per request (nats) |",
+        "| K (num_time_samples) | method | requests | seconds | s / request | "
+        "mean Monte-Carlo s.e. per request (nats) |",
         "|---|---|---|---|---|---|",
     ]
     for run_ in results["runs"]:
         for name, m in run_["methods"].items():
             se = m.get("mean_bound_stderr_nats")
             lines.append(
-                f"| {run_['mc_samples']} | {name} | {m['requests']} | {m['seconds']:.2f} | "
+                f"| {run_['num_time_samples']} | {name} | {m['requests']} | {m['seconds']:.2f} | "
                 f"{m['seconds_per_request']:.4f} | {'-' if se is None else f'{se:.3f}'} |"
             )
     return "\n".join(lines)
@@ -122,30 +125,44 @@ def render_markdown(results: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
+        "--model_name_or_path",
         "--checkpoint",
         type=Path,
         default=REPO / "checkpoints" / "mdm-prime-shakespeare-tiny",
         help="model to evaluate",
     )
     p.add_argument(
-        "--mc-samples", type=int, nargs="+", default=[8, 32], help="Monte-Carlo draws per scored window to compare"
+        "--num_time_samples",
+        "--mc-samples",
+        type=int,
+        nargs="+",
+        default=[8, 32],
+        help="Monte-Carlo draws per scored window to compare",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass, prompts per generate()")
+    p.add_argument(
+        "--batch_size", "--batch-size", type=int, default=8, help="windows per forward pass, prompts per generate()"
+    )
     p.add_argument("--seed", type=int, default=1234, help="base seed of the adapter")
     p.add_argument("--tiny", action="store_true", help="smoke-test configuration (few requests)")
     p.add_argument(
-        "--output-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON, table and plots go"
+        "--output_dir",
+        "--output-dir",
+        type=Path,
+        default=REPO / "benchmarks" / "results",
+        help="where the JSON, table and plots go",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    ks = [2] if args.tiny else args.mc_samples
-    runs = [{"mc_samples": k, **run(args.checkpoint, k, TASKS, args.seed, args.batch_size)} for k in ks]
-    greedy = run(args.checkpoint, ks[0], ["mdm_prime_mc"], args.seed, args.batch_size, is_greedy=True)
+    ks = [2] if args.tiny else args.num_time_samples
+    runs = [{"num_time_samples": k, **run(args.model_name_or_path, k, TASKS, args.seed, args.batch_size)} for k in ks]
+    greedy = run(args.model_name_or_path, ks[0], ["mdm_prime_mc"], args.seed, args.batch_size, is_greedy=True)
     runs[0]["methods"].update(greedy["methods"])
-    generation = MDMPrimeLM(str(args.checkpoint)).model.generation_config
+    generation = MDMPrimeLM(str(args.model_name_or_path)).model.generation_config
     results = {
         "checkpoint": str(
-            args.checkpoint.relative_to(REPO) if args.checkpoint.is_relative_to(REPO) else args.checkpoint
+            args.model_name_or_path.relative_to(REPO)
+            if args.model_name_or_path.is_relative_to(REPO)
+            else args.model_name_or_path
         ),
         "lm_eval_version": lm_eval.__version__,
         "torch": torch.__version__,

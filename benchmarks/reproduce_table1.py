@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -31,64 +30,42 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, get_scheduler
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
-from pretrain import PretrainConfig, build_model, build_tokenizer, load_corpus, tokenize_blocks  # noqa: E402
+from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion
+from modeling_mdm_prime.tools.cli import add_common_arguments, add_sized_arguments, sized_defaults
+from modeling_mdm_prime.tools.data import DataConfig, build_tokenizer, load_corpus, tokenize_blocks
+from modeling_mdm_prime.tools.training import text_model_config
 
-from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 METRICS = REPO / "examples" / "metrics"
 PAPER_ISR = {1: 36.77, 2: 13.52, 3: 4.97, 4: 1.83, 6: 0.25, 8: 0.03}  # MDM-Prime Table 1, %, L = T = 1024
 FULL = dict(
-    models="ar,mdm,prime2,prime4", hidden=128, layers=4, heads=4, seq_len=128, bpe_vocab=1024, batch=16,
-    steps=1000, lr=2e-3, eval_blocks=64, time_samples=8, samples=16, sweep="16,32,64,128", isr_length=1024,
+    models="ar,mdm,prime2,prime4", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, seq_len=128,
+    bpe_vocab_size=1024, batch_size=16, max_steps=1000, learning_rate=2e-3, eval_blocks=64, num_time_samples=8,
+    num_samples=16, sweep="16,32,64,128", isr_length=1024,
     isr_ells="1,2,3,4,6,8", isr_samples=4, max_documents=None,
 )  # fmt: skip
 HELP = {
-    "hidden": "transformer width",
-    "layers": "transformer blocks",
-    "heads": "attention heads",
-    "seq_len": "tokens per block",
-    "bpe_vocab": "BPE vocabulary size trained on the corpus",
-    "batch": "sequences per step",
-    "steps": "training steps per model",
-    "lr": "peak AdamW learning rate",
-    "eval_blocks": "held-out blocks scored",
-    "time_samples": "Monte-Carlo draws of the bound per block",
-    "max_documents": "use only the first N documents of the corpus (None: all)",
     "models": "comma-separated models to train: ar, mdm, prime2, prime4, ...",
-    "samples": "generated samples per model",
+    "num_samples": "generated samples per model",
     "sweep": "comma-separated numbers of sampler steps for the quality sweep",
     "isr_length": "sequence length of the idle-step-ratio measurement",
     "isr_ells": "comma-separated ℓ values of the idle-step-ratio measurement",
     "isr_samples": "sequences per ℓ in the idle-step-ratio measurement",
 }
 TINY = dict(
-    models="ar,mdm,prime2", hidden=32, layers=1, heads=2, seq_len=32, bpe_vocab=300, batch=4, steps=8, lr=2e-3,
-    eval_blocks=4, time_samples=2, samples=2, sweep="8,32", isr_length=64, isr_ells="1,2", isr_samples=2,
+    models="ar,mdm,prime2", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, seq_len=32,
+    bpe_vocab_size=300, batch_size=4, max_steps=8, learning_rate=2e-3,
+    eval_blocks=4, num_time_samples=2, num_samples=2, sweep="8,32", isr_length=64, isr_ells="1,2", isr_samples=2,
     max_documents=6,
 )  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="smoke-test configuration")
-    p.add_argument(
-        "--output-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON, table and plots go"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")
-    for key, value in FULL.items():
-        p.add_argument(
-            f"--{key.replace('_', '-')}",
-            type=type(value) if value is not None else int,
-            default=None,
-            help=f"{HELP[key]} (default {value}; --tiny: {TINY[key]})",
-        )
-    args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    add_common_arguments(p, REPO / "benchmarks" / "results", "seed of data order, initialisation and sampling")
+    add_sized_arguments(p, FULL, TINY, HELP)
+    return sized_defaults(p.parse_args(argv), FULL, TINY)
 
 
 def build(name: str, a: argparse.Namespace, tokenizer) -> torch.nn.Module:
@@ -97,31 +74,35 @@ def build(name: str, a: argparse.Namespace, tokenizer) -> torch.nn.Module:
     if name == "ar":
         return GPT2LMHeadModel(
             GPT2Config(
-                vocab_size=len(tokenizer), n_positions=a.seq_len, n_embd=a.hidden, n_layer=a.layers, n_head=a.heads,
-                n_inner=4 * a.hidden, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                vocab_size=len(tokenizer), n_positions=a.seq_len, n_embd=a.hidden_size, n_layer=a.num_hidden_layers,
+                n_head=a.num_attention_heads, n_inner=4 * a.hidden_size, resid_pdrop=0.0, embd_pdrop=0.0,
+                attn_pdrop=0.0,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             )
         )  # fmt: skip
     ell = 1 if name == "mdm" else int(name.removeprefix("prime").removesuffix("-paper"))
-    cfg = PretrainConfig(
-        num_sub_tokens=ell, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
-        intermediate_size=4 * a.hidden, seq_len=a.seq_len, loss_type="prime" if name.endswith("-paper") else "elbo",
+    config = text_model_config(
+        tokenizer, a.seq_len, num_sub_tokens=ell, hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
+        num_attention_heads=a.num_attention_heads, intermediate_size=4 * a.hidden_size,
+        loss_type="prime" if name.endswith("-paper") else "elbo",
     )  # fmt: skip
-    return build_model(cfg, tokenizer)
+    return MDMPrimeForMaskedDiffusion(config)
 
 
 def train(model, name: str, blocks: torch.Tensor, a: argparse.Namespace) -> dict:
     """The same loop, data order and optimiser for every model; returns the wall time and last losses."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, a.steps // 15), num_training_steps=a.steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a.learning_rate, betas=(0.9, 0.98), weight_decay=0.0)
+    scheduler = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=max(1, a.max_steps // 15), num_training_steps=a.max_steps
+    )
     order = torch.Generator().manual_seed(a.seed)
     torch.manual_seed(a.seed)  # the same masks / times for every MDM
     model.train()
     start, losses, step = time.perf_counter(), [], 0
-    bar = tqdm(total=a.steps, desc=f"training {name}", leave=False)
-    while step < a.steps:
-        for idx in torch.randperm(len(blocks), generator=order).split(a.batch):
-            if len(idx) < a.batch or step >= a.steps:
+    bar = tqdm(total=a.max_steps, desc=f"training {name}", leave=False)
+    while step < a.max_steps:
+        for idx in torch.randperm(len(blocks), generator=order).split(a.batch_size):
+            if len(idx) < a.batch_size or step >= a.max_steps:
                 continue
             batch = blocks[idx]
             loss = model(input_ids=batch, labels=batch).loss if name == "ar" else model(batch).loss
@@ -139,12 +120,14 @@ def train(model, name: str, blocks: torch.Tensor, a: argparse.Namespace) -> dict
 @torch.no_grad()
 def held_out_ppl(model, name: str, blocks: torch.Tensor, a: argparse.Namespace) -> dict:
     if name == "ar":  # exact: tokens 2..L of every block (the first has no context)
-        nll = sum(model(input_ids=b, labels=b).loss.item() * b[:, 1:].numel() for b in blocks.split(a.batch))
+        nll = sum(model(input_ids=b, labels=b).loss.item() * b[:, 1:].numel() for b in blocks.split(a.batch_size))
         tokens = blocks[:, 1:].numel()
         return {"ar_ppl": math.exp(nll / tokens), "nelbo_per_token": nll / tokens}
     nll = var = paper = tokens = 0.0
-    for i, b in enumerate(blocks.split(a.batch)):
-        out = model.nll_bound(b, num_samples=a.time_samples, generator=torch.Generator().manual_seed(a.seed + i))
+    for i, b in enumerate(blocks.split(a.batch_size)):
+        out = model.nll_bound(
+            b, num_time_samples=a.num_time_samples, generator=torch.Generator().manual_seed(a.seed + i)
+        )
         nll, var = nll + out.nll.sum().item(), var + out.nll_stderr.pow(2).sum().item()
         paper, tokens = paper + out.paper_objective.sum().item(), tokens + out.num_tokens.sum().item()
     return {
@@ -159,7 +142,7 @@ def held_out_ppl(model, name: str, blocks: torch.Tensor, a: argparse.Namespace) 
 def sample_quality(model, name: str, tokenizer, scorer_dir: Path, steps: int, a: argparse.Namespace) -> dict:
     """Unconditional samples of L tokens: generative perplexity under the AR scorer, entropy, NFE, idle steps."""
     if name == "ar":  # L network calls for L tokens; starts from BOS
-        bos = torch.full((a.samples, 1), tokenizer.bos_token_id)
+        bos = torch.full((a.num_samples, 1), tokenizer.bos_token_id)
         torch.manual_seed(a.seed)
         ids = model.generate(
             bos,
@@ -172,7 +155,7 @@ def sample_quality(model, name: str, tokenizer, scorer_dir: Path, steps: int, a:
         nfe, idle = a.seq_len - 1, None
     else:
         out = model.generate(
-            max_new_tokens=a.seq_len, num_return_sequences=a.samples, num_steps=steps, seed=a.seed,
+            max_new_tokens=a.seq_len, num_return_sequences=a.num_samples, num_steps=steps, seed=a.seed,
             return_dict_in_generate=True,
         )  # fmt: skip
         ids, nfe, idle = out.sequences, out.nfe, out.idle_steps.tolist()
@@ -230,9 +213,10 @@ def render_markdown(results: dict) -> str:
     """The tables that README.md shows (a test checks README.md against the committed JSON through this)."""
     c = results["config"]
     lines = [
-        f"Shakespeare plays, BPE {c['bpe_vocab']}, L = {c['seq_len']}, {c['layers']} layers × {c['hidden']} wide, "
-        f"{c['steps']} steps × {c['batch']} blocks, {c['eval_blocks']} held-out blocks, "
-        f"{c['samples']} samples, NFE ≤ T = L.",
+        f"Shakespeare plays, BPE {c['bpe_vocab_size']}, L = {c['seq_len']}, "
+        f"{c['num_hidden_layers']} layers × {c['hidden_size']} wide, "
+        f"{c['max_steps']} steps × {c['batch_size']} blocks, {c['eval_blocks']} held-out blocks, "
+        f"{c['num_samples']} samples, NFE ≤ T = L.",
         "",
         "| model | params | valid-bound ppl (≥ true) | paper-objective ppl (not a bound) | AR ppl | gen. ppl | "
         "entropy | idle steps at T = L (closed form) | train time |",
@@ -304,7 +288,9 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     a.output_dir.mkdir(parents=True, exist_ok=True)
     prefix = "table1_tiny" if a.tiny else "table1"
-    data_cfg = PretrainConfig(seq_len=a.seq_len, bpe_vocab_size=a.bpe_vocab, max_documents=a.max_documents, seed=a.seed)
+    data_cfg = DataConfig(
+        seq_len=a.seq_len, bpe_vocab_size=a.bpe_vocab_size, max_documents=a.max_documents, seed=a.seed
+    )
     train_docs, val_docs = load_corpus(data_cfg)
     tokenizer = build_tokenizer(data_cfg, train_docs)
     train_blocks = tokenize_blocks(train_docs, tokenizer, data_cfg)[:]["input_ids"]

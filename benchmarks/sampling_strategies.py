@@ -34,53 +34,39 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, get_scheduler
 
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion, ThresholdStrategy
+from modeling_mdm_prime.tools.cli import add_common_arguments, add_sized_arguments, sized_defaults
 from modeling_mdm_prime.tools.data import DataConfig, load_corpus, tokenize_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = REPO / "examples" / "metrics"
 REFERENCE = REPO / "checkpoints" / "mdm-prime-shakespeare-tiny"
-FULL = dict(steps="16,32,64,128", thresholds="probability:0.9,probability:0.7,probability:0.5,margin:0.8,"
-            "margin:0.5,entropy:-0.3,entropy:-1.0", samples=16, scorer_steps=800, scale_layers=12, scale_hidden=768,
-            scale_heads=12, scale_len=128)  # fmt: skip
+FULL = dict(num_steps="16,32,64,128", thresholds="probability:0.9,probability:0.7,probability:0.5,margin:0.8,"
+            "margin:0.5,entropy:-0.3,entropy:-1.0", num_samples=16, scorer_steps=800, scale_layers=12,
+            scale_hidden=768, scale_heads=12, scale_len=128)  # fmt: skip
 HELP = {
-    "steps": "comma-separated numbers of sampler steps (T)",
+    "num_steps": "comma-separated numbers of sampler steps (T)",
     "thresholds": "comma-separated confidence thresholds, measure:value",
-    "samples": "generated samples per setting",
     "scorer_steps": "training steps of the scoring model",
     "scale_layers": "blocks of the paper-scale timing model",
     "scale_hidden": "width of the paper-scale timing model",
     "scale_heads": "heads of the paper-scale timing model",
     "scale_len": "sequence length of the paper-scale timing",
 }
-TINY = dict(steps="8,16", thresholds="probability:0.7,margin:0.5", samples=2, scorer_steps=4, scale_layers=1,
-            scale_hidden=64, scale_heads=2, scale_len=16)  # fmt: skip
+TINY = dict(num_steps="8,16", thresholds="probability:0.7,margin:0.5", num_samples=2, scorer_steps=4,
+            scale_layers=1, scale_hidden=64, scale_heads=2, scale_len=16)  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="smoke-test configuration")
-    p.add_argument(
-        "--output-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON, table and plots go"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")
-    for key, value in FULL.items():
-        p.add_argument(
-            f"--{key.replace('_', '-')}",
-            type=type(value),
-            default=None,
-            help=f"{HELP[key]} (default {value}; --tiny: {TINY[key]})",
-        )
-    args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    add_common_arguments(p, REPO / "benchmarks" / "results", "seed of data order, initialisation and sampling")
+    add_sized_arguments(p, FULL, TINY, HELP)
+    return sized_defaults(p.parse_args(argv), FULL, TINY)
 
 
 def settings(a: argparse.Namespace) -> list[dict]:
     """Every (strategy, budget) to run: fixed-step strategies at each T, threshold decoding at each threshold."""
     runs = []
-    for steps in [int(x) for x in a.steps.split(",")]:
+    for steps in [int(x) for x in a.num_steps.split(",")]:
         runs.append({"strategy": "ancestral", "measure": None, "num_steps": steps})
         for measure in ("probability", "margin", "entropy"):
             runs.append({"strategy": "confidence", "measure": measure, "num_steps": steps})
@@ -169,16 +155,16 @@ def quality(model, tokenizer, scorer: Path, val_blocks: torch.Tensor, a: argpars
     gen_ppl = evaluate.load(str(METRICS / "generative_perplexity"))
     entropy = evaluate.load(str(METRICS / "unigram_entropy"))
     length = model.config.max_position_embeddings
-    real = tokenizer.batch_decode(val_blocks[: a.samples], skip_special_tokens=True)
+    real = tokenizer.batch_decode(val_blocks[: a.num_samples], skip_special_tokens=True)
     rows = [
         {
             "label": "real text (held-out plays)",
             "gen_ppl": gen_ppl.compute(predictions=real, model_id=str(scorer), device="cpu")["corpus_perplexity"],
-            "entropy": entropy.compute(predictions=val_blocks[: a.samples].tolist())["entropy"],
+            "entropy": entropy.compute(predictions=val_blocks[: a.num_samples].tolist())["entropy"],
         }
     ]
     for run in tqdm(settings(a), desc="strategies", leave=False):
-        out, wall, network = run_generate(model, run, a.samples, length, a.seed)
+        out, wall, network = run_generate(model, run, a.num_samples, length, a.seed)
         texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         rows.append(
             run
@@ -186,7 +172,7 @@ def quality(model, tokenizer, scorer: Path, val_blocks: torch.Tensor, a: argpars
                 "label": label(run),
                 "row_nfe": float(out.row_nfe.double().mean()),
                 "row_nfe_range": [int(out.row_nfe.min()), int(out.row_nfe.max())],
-                "tokens_per_second": a.samples * length / wall,
+                "tokens_per_second": a.num_samples * length / wall,
                 "overhead": wall / network - 1,
                 "gen_ppl": gen_ppl.compute(
                     predictions=[t if t.strip() else "." for t in texts], model_id=str(scorer), device="cpu"

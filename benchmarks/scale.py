@@ -14,12 +14,12 @@ GPT-2 vocabulary; ``small``: 256 × 4 × 4, MLP 1024, L = 256), on whatever devi
    ``model``), as speed-up over eager; the output layer and the loss stay eager in both. Compiling the whole
    MDM-Prime model fails in dynamo (torch 2.13): the forward process's ``torch.rand(..., generator=None)`` with
    a symbolic size raises "SymIntArrayRef expected to contain only concrete integers". On CPU only for the
-   configurations in ``--compile-configs`` (inductor's C++ compile of the paper model costs minutes).
+   configurations in ``--compile_configs`` (inductor's C++ compile of the paper model costs minutes).
 3. Peak memory of one forward + backward (no optimizer state), with and without gradient checkpointing, each
    cell in a fresh subprocess: on CUDA ``max_memory_allocated`` above what the model occupies before the step;
    on CPU the process's peak resident set (``VmHWM``) above its resident set just before the step (malloc
    caching included, so it is an upper bound of the tensor bytes).
-4. Generation at that size: B × L = 1024 tokens per call (B = 1024 / L), ``--gen-steps`` steps, idle-step
+4. Generation at that size: B × L = 1024 tokens per call (B = 1024 / L), ``--gen_steps`` steps, idle-step
    cache on: NFE, tokens/s, and generate()'s wall time against NFE × one forward pass (one ``denoise`` call on
    an all-masked canvas, which scores every position; later calls score fewer, so the ratio can fall below 1).
 
@@ -53,8 +53,8 @@ except ModuleNotFoundError:  # run as a file from a checkout without installing:
     from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion, SubTokenCodec, diffusion_terms
 
 CONFIGS = {
-    "paper": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, seq_len=1024),
-    "small": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, seq_len=256),
+    "paper": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, seq_len=1024),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, seq_len=256),
 }
 # Dense bf16 tensor-core peaks (vendor data sheets, SXM parts), for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -66,24 +66,39 @@ GENERATED_TOKENS = 1024
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="paper,small", help="comma-separated subset of: " + ", ".join(CONFIGS))
-    p.add_argument("--batch-size", type=int, default=None, help="training batch; default 1 on CPU, 8 on CUDA")
+    p.add_argument(
+        "--batch_size", "--batch-size", type=int, default=None, help="training batch; default 1 on CPU, 8 on CUDA"
+    )
     p.add_argument("--steps", type=int, default=1, help="timed steps per model per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model (compiled: 3, to compile)")
     p.add_argument(
-        "--compile-configs", default=None, help="configs timed with torch.compile; default: all on CUDA, small on CPU"
+        "--compile_configs",
+        "--compile-configs",
+        default=None,
+        help="configs timed with torch.compile; default: all on CUDA, small on CPU",
     )
     p.add_argument(
         "--parts",
         default=",".join(PARTS),
         help="comma-separated parts to run; with a subset, the other parts of an earlier result file are kept",
     )
-    p.add_argument("--gen-steps", type=int, default=None, help="generation steps T; default 8 on CPU, 128 on CUDA")
+    p.add_argument(
+        "--gen_steps", "--gen-steps", type=int, default=None, help="generation steps T; default 8 on CPU, 128 on CUDA"
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("float32", "bf16"), default="float32", help="bf16 = autocast (for CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and inputs")
-    p.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"), help="where the JSON and table go")
-    p.add_argument("--memory-cell", default=None, help=argparse.SUPPRESS)  # internal: one part-3 cell (JSON)
+    p.add_argument(
+        "--output_dir",
+        "--output-dir",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="where the JSON and table go",
+    )
+    p.add_argument(
+        "--memory_cell", "--memory-cell", default=None, help=argparse.SUPPRESS
+    )  # internal: one part-3 cell (JSON)
     return p.parse_args(argv)
 
 
@@ -93,7 +108,7 @@ def model_args(name: str, batch_size: int, seed: int) -> SimpleNamespace:
 
 def model_flops_per_token(cfg: dict) -> float:
     """Training FLOPs per token of a dense transformer with this shape and an output layer on every position."""
-    d, layers, inner, length = cfg["hidden_size"], cfg["num_layers"], cfg["intermediate_size"], cfg["seq_len"]
+    d, layers, inner, length = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["seq_len"]
     matmul_params = layers * (4 * d * d + 2 * d * inner) + d * VOCAB
     return 6 * matmul_params + 12 * layers * d * length
 
@@ -193,8 +208,8 @@ def memory_cell(spec: dict) -> dict:
                 vocab_size=VOCAB,
                 n_positions=cfg["seq_len"],
                 n_embd=cfg["hidden_size"],
-                n_layer=cfg["num_layers"],
-                n_head=cfg["num_heads"],
+                n_layer=cfg["num_hidden_layers"],
+                n_head=cfg["num_attention_heads"],
                 n_inner=cfg["intermediate_size"],
                 resid_pdrop=0.0,
                 embd_pdrop=0.0,
@@ -208,8 +223,8 @@ def memory_cell(spec: dict) -> dict:
                 vocab_size=VOCAB,
                 num_sub_tokens=int(spec["model"].split("=")[1]),
                 hidden_size=cfg["hidden_size"],
-                num_hidden_layers=cfg["num_layers"],
-                num_attention_heads=cfg["num_heads"],
+                num_hidden_layers=cfg["num_hidden_layers"],
+                num_attention_heads=cfg["num_attention_heads"],
                 intermediate_size=cfg["intermediate_size"],
                 max_position_embeddings=cfg["seq_len"],
                 dropout=0.0,
@@ -295,8 +310,8 @@ def measure_generation(cfg_name: str, a: argparse.Namespace, device: torch.devic
                     vocab_size=VOCAB,
                     num_sub_tokens=ell,
                     hidden_size=cfg["hidden_size"],
-                    num_hidden_layers=cfg["num_layers"],
-                    num_attention_heads=cfg["num_heads"],
+                    num_hidden_layers=cfg["num_hidden_layers"],
+                    num_attention_heads=cfg["num_attention_heads"],
                     intermediate_size=cfg["intermediate_size"],
                     max_position_embeddings=length,
                     dropout=0.0,
@@ -349,7 +364,8 @@ def markdown(report: dict) -> str:
     for cfg_name, res in report["configs"].items():
         c = CONFIGS[cfg_name]
         lines += [
-            f"## {cfg_name}: D = {c['hidden_size']}, {c['num_layers']} layers, {c['num_heads']} heads, "
+            f"## {cfg_name}: D = {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+            f"{c['num_attention_heads']} heads, "
             f"MLP {c['intermediate_size']}, L = {c['seq_len']}, C = {VOCAB}, training batch {res['batch_size']}",
             "",
             "| model | tokens/s | ratio vs GPT-2 | MFU | compiled tokens/s | compiled ÷ eager "

@@ -48,16 +48,20 @@ MiB = 2**20
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden-size", type=int, default=256, help="transformer width")
-    p.add_argument("--num-layers", type=int, default=4, help="transformer blocks")
-    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
-    p.add_argument("--intermediate-size", type=int, default=1024, help="MLP width")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    p.add_argument("--hidden_size", "--hidden-size", type=int, default=256, help="transformer width")
+    p.add_argument(
+        "--num_hidden_layers", "--num_layers", "--num-layers", type=int, default=4, help="transformer blocks"
+    )
+    p.add_argument("--num_attention_heads", "--num_heads", "--num-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--intermediate_size", "--intermediate-size", type=int, default=1024, help="MLP width")
+    p.add_argument("--seq_len", "--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=4, help="sequences per step")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the rounds")
-    p.add_argument("--loss-rows", type=int, default=1024, help="N, rows of the logits in the loss-memory test")
+    p.add_argument(
+        "--loss_rows", "--loss-rows", type=int, default=1024, help="N, rows of the logits in the loss-memory test"
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("float32", "bf16"), default="float32", help="bf16 = autocast (for CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and inputs")
@@ -68,14 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(a: argparse.Namespace, device: torch.device) -> dict[str, torch.nn.Module]:
     torch.manual_seed(a.seed)
     gpt2_cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=a.seq_len, n_embd=a.hidden_size, n_layer=a.num_layers, n_head=a.num_heads,
-        n_inner=a.intermediate_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
+        vocab_size=VOCAB, n_positions=a.seq_len, n_embd=a.hidden_size, n_layer=a.num_hidden_layers,
+        n_head=a.num_attention_heads, n_inner=a.intermediate_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        attn_implementation="sdpa",
     )  # fmt: skip
     models: dict[str, torch.nn.Module] = {"gpt2": transformers.GPT2LMHeadModel(gpt2_cfg)}
     for ell in ELLS:
         cfg = MDMPrimeConfig(
-            vocab_size=VOCAB, num_sub_tokens=ell, hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
-            num_attention_heads=a.num_heads, intermediate_size=a.intermediate_size,
+            vocab_size=VOCAB, num_sub_tokens=ell, hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
+            num_attention_heads=a.num_attention_heads, intermediate_size=a.intermediate_size,
             max_position_embeddings=a.seq_len, dropout=0.0,
         )  # fmt: skip
         models[f"mdm-prime l={ell}"] = MDMPrimeForMaskedDiffusion(cfg)

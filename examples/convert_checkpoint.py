@@ -58,7 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     card = parser.add_argument_group("model card")
     card.add_argument("--license", default=None, help="licence of the source (default: the known one of the source)")
-    card.add_argument("--dataset", action="append", default=[], help="Hub dataset id the source was trained on")
+    card.add_argument(
+        "--card_dataset",
+        "--dataset",
+        dest="card_datasets",
+        action="append",
+        default=[],
+        help="Hub dataset id the source was trained on, for the card (repeatable)",
+    )
     card.add_argument("--training_data", default=None, help="description of the source's training data")
     card.add_argument("--model_id", default=None, help="id the card's usage snippet loads (default: output_dir)")
     return parser.parse_args(argv)
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             use_ema=not args.raw_weights,
             allow_unsafe_pickle=args.allow_unsafe_pickle,
             license=args.license,
-            datasets=tuple(args.dataset),
+            datasets=tuple(args.card_datasets),
             training_data=args.training_data,
             model_id=args.model_id,
         )

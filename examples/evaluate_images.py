@@ -13,9 +13,9 @@ network evaluations (NFE).
       reference split (the paper's protocol: CIFAR-10 train, 50,000 samples).
   The same metric on real held-out images (``--real_baseline``) shows its floor at this sample size.
 
-    python examples/evaluate_images.py --model outputs/train_images/final            # digits: bpd, CFD vs NFE
-    python examples/evaluate_images.py --model outputs/mnist/final --nfe 16 64 256 --num_samples 1000
-    python examples/evaluate_images.py --model user/cifar10-prime --dataset uoft-cs/cifar10 \\
+    python examples/evaluate_images.py --model_name_or_path outputs/train_images/final   # digits: bpd, CFD vs NFE
+    python examples/evaluate_images.py --model_name_or_path outputs/mnist/final --nfe 16 64 256 --num_samples 1000
+    python examples/evaluate_images.py --model_name_or_path user/cifar10-prime --dataset uoft-cs/cifar10 \\
         --num_samples 50000 --num_reference 50000 --nfe 128 256 512 --batch_size 500
 
 Writes ``<output_dir>/eval_images.json`` and ``<output_dir>/samples_nfe{N}.png``.
@@ -48,7 +48,10 @@ logger = logging.getLogger("evaluate_images")
 
 @dataclass
 class ImageEvalConfig:
-    model: str = field(default="outputs/train_images/final", metadata={"help": "image checkpoint folder or Hub id"})
+    model_name_or_path: str = field(
+        default="outputs/train_images/final",
+        metadata={"help": "image checkpoint folder or Hub id", "aliases": ["--model"]},
+    )
     dataset: str | None = field(
         default=None,
         metadata={
@@ -120,7 +123,7 @@ def bits_per_dim(model, images: torch.Tensor, labels: torch.Tensor | None, cfg: 
         out = model.nll_bound(
             images[start : start + cfg.batch_size].to(device),
             class_labels=labels[start : start + cfg.batch_size].to(device) if conditional else None,
-            num_samples=cfg.num_time_samples,
+            num_time_samples=cfg.num_time_samples,
             num_steps=cfg.bound_num_steps,
             generator=torch.Generator(device).manual_seed(cfg.seed + start),
         )
@@ -199,10 +202,15 @@ def main(argv: list[str] | None = None) -> dict:
     extra = json.loads(cfg.generation_kwargs)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(cfg.model, trust_remote_code=True).to(device).eval()
+    model = AutoModel.from_pretrained(cfg.model_name_or_path, trust_remote_code=True).to(device).eval()
     if not all(hasattr(model.config, name) for name in ("num_channels", "height", "width", "num_levels")):
-        raise ValueError(f"{cfg.model} is not an image model ({type(model).__name__}); see evaluate_ppl.py for text.")
-    out_dir = Path(cfg.output_dir or (Path(cfg.model) / "eval_images" if Path(cfg.model).is_dir() else "eval_images"))
+        raise ValueError(
+            f"{cfg.model_name_or_path} is not an image model ({type(model).__name__}); see evaluate_ppl.py for text."
+        )
+    out_dir = Path(
+        cfg.output_dir
+        or (Path(cfg.model_name_or_path) / "eval_images" if Path(cfg.model_name_or_path).is_dir() else "eval_images")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
 
     data = load_data(cfg, model.config)
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     metric_name, network, score = make_scorer(model, data, cfg)
     report = {
-        "model": cfg.model,
+        "model": cfg.model_name_or_path,
         "dataset": data["name"],
         "config": asdict(cfg),
         "bits_per_dim": bpd,

@@ -6,11 +6,12 @@ sampler. The result is an upper bound on the model's perplexity, reported with i
 paper objective is printed beside it, labelled, because it is not a bound (method.md §3.4).
 
     # the held-out plays that examples/pretrain.py did not train on
-    python examples/evaluate_ppl.py --model outputs/pretrain/final
+    python examples/evaluate_ppl.py --model_name_or_path outputs/pretrain/final
     # a zero-shot suite over several corpora in one command (offline: Shakespeare + the Python reference)
-    python examples/evaluate_ppl.py --model outputs/pretrain/final --suite examples/eval_suites/offline.yaml
+    python examples/evaluate_ppl.py --model_name_or_path outputs/pretrain/final \
+        --suite examples/eval_suites/offline.yaml
     # MDLM's zero-shot suite from the Hub, two processes, the bound of a 1000-step sampler
-    accelerate launch --num_processes 2 examples/evaluate_ppl.py --model user/repo \
+    accelerate launch --num_processes 2 examples/evaluate_ppl.py --model_name_or_path user/repo \
         --suite examples/eval_suites/mdlm_zero_shot.yaml --num_steps 1000
 
 Batches are seeded by their index, so the numbers do not depend on the number of processes.
@@ -71,7 +72,10 @@ def _help(text: str, default=None, factory=None):
 
 @dataclass
 class EvalConfig:
-    model: str = _help("checkpoint folder or Hub id of the model to score", "outputs/pretrain/final")
+    model_name_or_path: str = field(
+        default="outputs/pretrain/final",
+        metadata={"help": "checkpoint folder or Hub id of the model to score", "aliases": ["--model"]},
+    )
     suite: str | None = _help(
         "YAML or JSON list of corpora (name, path, ...: see examples/eval_suites/); overrides --corpus", None
     )
@@ -140,7 +144,7 @@ def score_blocks(accelerator: Accelerator, model, blocks: torch.Tensor, cfg: Eva
             rows = blocks[start : start + cfg.batch_size].to(accelerator.device)
             out = model.nll_bound(
                 rows,
-                num_samples=cfg.num_time_samples,
+                num_time_samples=cfg.num_time_samples,
                 num_steps=cfg.num_steps,
                 generator=torch.Generator(accelerator.device).manual_seed(cfg.seed + start),
             )
@@ -214,10 +218,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--num_time_samples must be >= 1, got {cfg.num_time_samples}.")
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     accelerator = Accelerator(cpu=cfg.cpu)
-    model = AutoModel.from_pretrained(cfg.model, trust_remote_code=True).to(accelerator.device).eval()
+    model = AutoModel.from_pretrained(cfg.model_name_or_path, trust_remote_code=True).to(accelerator.device).eval()
     if not hasattr(model, "nll_bound"):
-        raise ValueError(f"{cfg.model} loads as {type(model).__name__}, which has no nll_bound(); expected MDM-Prime.")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        raise ValueError(
+            f"{cfg.model_name_or_path} loads as {type(model).__name__}, which has no nll_bound(); expected MDM-Prime."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     results = []
     for corpus in load_suite(cfg):
         results.append(evaluate_corpus(accelerator, model, tokenizer, corpus, cfg))
@@ -225,10 +231,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         logger.info(f"{corpus.name}: valid-bound perplexity <= {r['ppl_bound']:.2f} ({r['num_tokens']:,} tokens)")
     if accelerator.is_main_process:
         print(format_table(results))
-        payload = {"model": cfg.model, "config": asdict(cfg), "results": results}
+        payload = {"model": cfg.model_name_or_path, "config": asdict(cfg), "results": results}
         targets = [Path(cfg.output)] if cfg.output else []
         if cfg.write_results:
-            targets.append(Path(cfg.model) / "eval_results.json")
+            targets.append(Path(cfg.model_name_or_path) / "eval_results.json")
         for target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(target, payload)

@@ -56,7 +56,9 @@ class ScriptArguments:
         },
     )
     block_size: int | None = field(default=None, metadata={"help": "default: max_position_embeddings"})
-    eval_repeats: int = field(default=4, metadata={"help": "noise draws per held-out batch"})
+    eval_time_samples: int = field(
+        default=4, metadata={"help": "Monte-Carlo draws of the bound per held-out batch", "aliases": ["--eval_repeats"]}
+    )
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
@@ -129,23 +131,28 @@ def collate(features: list[dict], pad_token_id: int = 0) -> dict[str, torch.Tens
 
 
 @torch.no_grad()
-def held_out_bound(model, data: Dataset, pad_token_id: int, batch_size: int = 16, repeats: int = 4) -> dict:
+def held_out_bound(model, data: Dataset, pad_token_id: int, batch_size: int = 16, num_time_samples: int = 4) -> dict:
     """The forward valid bound (NELBO) and paper objective per scored token over ``data``, with fixed noise, so
-    that numbers are comparable across models and runs. The standard error is taken over the ``repeats`` draws."""
+    that numbers are comparable across models and runs. The standard error is taken over the ``num_time_samples``
+    draws."""
     if len(data) == 0:
         raise ValueError("no held-out sequence to score (every prompt fills the whole block?).")
     model.eval()
-    nelbo, paper, tokens = torch.zeros(repeats, dtype=torch.float64), torch.zeros(repeats, dtype=torch.float64), 0
+    nelbo, paper, tokens = (
+        torch.zeros(num_time_samples, dtype=torch.float64),
+        torch.zeros(num_time_samples, dtype=torch.float64),
+        0,
+    )
     for start in range(0, len(data), batch_size):
         batch = collate(data.select(range(start, min(start + batch_size, len(data)))).to_list(), pad_token_id)
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        for r in range(repeats):
+        for r in range(num_time_samples):
             out = model(**batch, generator=torch.Generator(model.device).manual_seed(1000 * r + start))
             nelbo[r] += out.elbo.item() * out.num_tokens.item()
             paper[r] += out.paper_objective.item() * out.num_tokens.item()
         tokens += out.num_tokens.item()
     tokens = max(tokens, 1)
-    stderr = (nelbo / tokens).std().item() / math.sqrt(repeats) if repeats > 1 else None
+    stderr = (nelbo / tokens).std().item() / math.sqrt(num_time_samples) if num_time_samples > 1 else None
     return {
         "nelbo": nelbo.mean().item() / tokens,
         "stderr": stderr,
@@ -154,9 +161,9 @@ def held_out_bound(model, data: Dataset, pad_token_id: int, batch_size: int = 16
     }
 
 
-def held_out_loss(model, data: Dataset, pad_token_id: int, batch_size: int = 16, repeats: int = 4) -> float:
+def held_out_loss(model, data: Dataset, pad_token_id: int, batch_size: int = 16, num_time_samples: int = 4) -> float:
     """The held-out valid bound in nats per scored token (see :func:`held_out_bound`)."""
-    return held_out_bound(model, data, pad_token_id, batch_size, repeats)["nelbo"]
+    return held_out_bound(model, data, pad_token_id, batch_size, num_time_samples)["nelbo"]
 
 
 def eval_results(args: ScriptArguments, before: dict, after: dict, jsonl: bool) -> dict:
@@ -166,7 +173,7 @@ def eval_results(args: ScriptArguments, before: dict, after: dict, jsonl: bool) 
         "dataset": Path(source).name if args.validation_file else source,
         "split": "held-out responses given their prompts (SFT)" if jsonl else "held-out documents",
         "num_tokens": int(after["tokens"]),
-        "num_time_samples": args.eval_repeats,
+        "num_time_samples": args.eval_time_samples,
         "num_steps": None,
         "nelbo_per_token": after["nelbo"],
         "nelbo_stderr": after["stderr"],
@@ -219,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     train, held_out, jsonl = load_splits(args, tokenizer, block_size, training_args.seed)
     print(f"data: {len(train)} training and {len(held_out)} held-out sequences (block_size {block_size})")
 
-    before = held_out_bound(model.to(training_args.device), held_out, pad_token_id, repeats=args.eval_repeats)
+    before = held_out_bound(
+        model.to(training_args.device), held_out, pad_token_id, num_time_samples=args.eval_time_samples
+    )
     print(f"held-out loss before: {before['nelbo']:.4f} nats/token")
     if args.lora:
         from peft import LoraConfig, get_peft_model
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if args.lora and args.merge_lora:
         model = model.merge_and_unload()  # the plain MDMPrimeForMaskedDiffusion with updated Linear weights
-    after = held_out_bound(model, held_out, pad_token_id, repeats=args.eval_repeats)
+    after = held_out_bound(model, held_out, pad_token_id, num_time_samples=args.eval_time_samples)
     print(f"held-out loss after: {after['nelbo']:.4f} nats/token")
 
     # Full or merged model: weights, config with auto_map and the code files, so that

@@ -37,7 +37,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion, make_tokenizer_portable
+from modeling_mdm_prime import MDMPrimeForMaskedDiffusion, make_tokenizer_portable
 from modeling_mdm_prime.tools import training
 from modeling_mdm_prime.tools.data import (  # noqa: F401 - re-exported for scripts that import them from here
     BUNDLED_CORPUS,
@@ -56,9 +56,13 @@ from modeling_mdm_prime.tools.training import (  # noqa: F401 - the run machiner
     JSONLTracker,
     checkpoint_dirs,
     find_checkpoint,
+    optimizer_groups,
+    plot_powers,
     record_settings,
     run_settings,
     save_checkpoint,
+    text_model_config,
+    token_frequencies,
     write_atomic,
 )
 
@@ -143,73 +147,20 @@ class PretrainConfig(DataConfig):
 
 def build_model(cfg: PretrainConfig, tokenizer) -> MDMPrimeForMaskedDiffusion:
     """A fresh model sized by ``cfg`` over the tokenizer's vocabulary."""
-    config = MDMPrimeConfig(
-        vocab_size=len(tokenizer),
+    config = text_model_config(
+        tokenizer,
+        cfg.seq_len,
         num_sub_tokens=cfg.num_sub_tokens,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
         intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.seq_len,
         dropout=cfg.dropout,
         time_conditioning=cfg.time_conditioning,
         loss_type=cfg.loss_type,
         noise_schedule=cfg.noise_schedule,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     return MDMPrimeForMaskedDiffusion(config)
-
-
-SCHEDULE_PARAMETERS = ("schedule_power_logits",)  # GenMD4's ŵ
-
-
-def optimizer_groups(model: torch.nn.Module, cfg: PretrainConfig) -> list[dict]:
-    """AdamW parameter groups: the network with ``weight_decay``; the schedule parameters (GenMD4's ŵ) without it
-    unless ``decay_schedule_parameters``. Decay pulls ŵ towards 0, i.e. every power towards softplus(0) = 0.693,
-    whatever the data says (the md4 reference applies it to ŵ)."""
-    network, schedule = [], []
-    for name, parameter in model.named_parameters():
-        (schedule if name.split(".")[-1] in SCHEDULE_PARAMETERS else network).append(parameter)
-    groups = [{"params": network, "weight_decay": cfg.weight_decay}]
-    if schedule:
-        decay = cfg.weight_decay if cfg.decay_schedule_parameters else 0.0
-        groups.append({"params": schedule, "weight_decay": decay})
-    return groups
-
-
-def token_frequencies(blocks, vocab_size: int, max_rows: int = 20_000) -> torch.Tensor:
-    """``(C,)`` token counts over (at most ``max_rows``) training blocks, padding excluded."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for index, row in enumerate(blocks):
-        if index >= max_rows:
-            break
-        ids = torch.as_tensor(row["input_ids"])
-        counts += torch.bincount(ids[torch.as_tensor(row["attention_mask"]).bool()], minlength=vocab_size)
-    return counts
-
-
-def plot_powers(powers: torch.Tensor, counts: torch.Tensor, path: Path, title: str = "GenMD4 learned powers") -> None:
-    """PNG: each token's learned power w_i against its training frequency (log scale; unseen tokens at the left)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    frequency = counts.double() / counts.sum().clamp(min=1)
-    floor = float(frequency[frequency > 0].min()) / 10 if bool((frequency > 0).any()) else 1e-9
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(frequency.clamp(min=floor).numpy(), powers.detach().double().numpy(), s=4, alpha=0.5)
-    ax.set_xscale("log")
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="w = 1 (initial, MD4 linear)")
-    ax.set_xlabel(f"token frequency in the training data (unseen tokens at {floor:.1e})")
-    ax.set_ylabel(r"power $w_i$  ($\alpha_{t,i} = 1 - t^{w_i}$)")
-    ax.set_title(title)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------------
@@ -229,7 +180,7 @@ def evaluate(accelerator: Accelerator, model, blocks: dict, cfg: PretrainConfig)
             out = model.nll_bound(
                 rows["input_ids"].to(accelerator.device),
                 attention_mask=rows["attention_mask"].to(accelerator.device),
-                num_samples=cfg.eval_time_samples,
+                num_time_samples=cfg.eval_time_samples,
                 generator=torch.Generator(accelerator.device).manual_seed(cfg.seed + start),
             )
             totals += torch.stack([out.nll.sum(), out.paper_objective.sum(), out.num_tokens.sum().double()])
@@ -366,7 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         train_blocks, batch_size=cfg.batch_size, shuffle=not cfg.streaming, drop_last=True,
         generator=torch.Generator().manual_seed(cfg.seed),
     )  # fmt: skip
-    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, cfg.weight_decay, cfg.decay_schedule_parameters),
+        lr=cfg.learning_rate,
+        betas=(0.9, 0.98),
+    )
     scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
     )

@@ -47,7 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hub.add_argument("--new_repo", action="store_true", help="fail if the repository already exists")
     hub.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or hf auth login)")
     card = parser.add_argument_group("model card")
-    card.add_argument("--dataset", action="append", default=[], help="Hub dataset id (repeat for several)")
+    card.add_argument(
+        "--card_dataset",
+        "--dataset",
+        dest="card_datasets",
+        action="append",
+        default=[],
+        help="Hub dataset id the model was trained on, for the card (repeatable)",
+    )
     card.add_argument("--language", action="append", default=[], help="ISO 639-1 code, e.g. en (repeatable)")
     card.add_argument("--license", default=None, help="Hub license id, e.g. apache-2.0")
     card.add_argument("--example_prompt", default="The", help="prompt of the card's generation example (text models)")
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("modeling_mdm_prime").setLevel(logging.INFO)
     card_options = {
-        "datasets": args.dataset,
+        "datasets": args.card_datasets,
         "language": args.language,
         "license": args.license,
         "example_prompt": args.example_prompt,

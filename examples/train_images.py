@@ -189,7 +189,7 @@ def evaluate(accelerator: Accelerator, model, images: torch.Tensor, labels: torc
             out = model.nll_bound(
                 images[rows].to(accelerator.device),
                 class_labels=labels[rows].to(accelerator.device) if conditional else None,
-                num_samples=cfg.eval_time_samples,
+                num_time_samples=cfg.eval_time_samples,
                 generator=torch.Generator(accelerator.device).manual_seed(cfg.seed + start),
             )
             per_image.append(out.bits_per_dim)

@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
+from .adapted_mdm_prime import MDMPrimeAdaptedModel
 from .codec_mdm_prime import SubTokenCodec
 from .configuration_mdm_prime import MDMPrimeConfig
 from .generation_mdm_prime import MDMPrimeGenerationConfig, MDMPrimeGenerationMixin
@@ -427,8 +428,13 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
 
     def __init__(self, config: MDMPrimeConfig):
         super().__init__(config)
-        self.model = MDMPrimeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        if config.transformer_config is None:
+            self.model = MDMPrimeModel(config)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        else:  # adapted from a causal LM: its transformers model and its output layer (tied: none of our own)
+            self.model = MDMPrimeAdaptedModel(config)
+            tied = self.model.tied_output
+            self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # GenMD4's ŵ, one per token value (a model parameter: trained, saved and loaded like the others).
         self.schedule_power_logits = (
             nn.Parameter(torch.full((config.vocab_size,), math.log(math.e - 1.0)))
@@ -465,10 +471,17 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         )
 
     def get_input_embeddings(self):
-        return self.model.embed_sub_tokens
+        return self.model.get_input_embeddings()
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def output_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` hidden states -> ``(..., C)`` token scores: the head, or for an adapted model whose source
+        ties them, the token embedding itself (one tensor, so nothing to re-tie on load)."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.get_input_embeddings().weight)
+        return self.lm_head(hidden)
 
     def resize_token_embeddings(self, *args, **kwargs):
         raise NotImplementedError(
@@ -503,6 +516,7 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         noise_level: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         check_inputs: bool = True,
+        attention_pattern: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The network's unfiltered token scores, differentiable (for training, distillation and RL).
 
@@ -514,16 +528,27 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
                 matrix product at C = 50,257, and fully revealed tokens need no prediction, so it then runs on
                 the selected rows only.
             check_inputs: validate ``sub_ids`` (a host synchronisation); off for inputs validated once.
+            attention_pattern: optional ``(L, L)`` or ``(B, L, L)`` bool, True where position i may attend to
+                position j; default: everything (bidirectional). Adapted models only (attention-mask annealing
+                and the causal exactness check, docs/guides/adaptation.md).
         Returns:
             Logits over the C real tokens in the model's dtype: ``(N, C)`` at ``positions`` in row-major order,
-            or ``(B, L, C)``. No consistency filter (see :meth:`denoise` and ``losses_mdm_prime``).
+            or ``(B, L, C)``. No consistency filter (see :meth:`denoise` and ``losses_mdm_prime``). With
+            ``shift_logits`` the scores of position i come from the hidden state at i - 1 (position 0: its own).
         """
+        extra = {}
+        if attention_pattern is not None:
+            if self.config.transformer_config is None:
+                raise ValueError("attention_pattern is only supported by models adapted from a causal LM.")
+            extra["attention_pattern"] = attention_pattern
         hidden = self.model(
-            sub_ids, attention_mask=attention_mask, noise_level=noise_level, check_inputs=check_inputs
+            sub_ids, attention_mask=attention_mask, noise_level=noise_level, check_inputs=check_inputs, **extra
         ).last_hidden_state
+        if self.config.shift_logits:
+            hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
         if positions is not None:
-            return self.lm_head(hidden[positions])
-        return self.lm_head(hidden)
+            return self.output_layer(hidden[positions])
+        return self.output_layer(hidden)
 
     def _corrupt(
         self,
@@ -577,6 +602,7 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         timesteps: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         return_dict: bool | None = None,
+        attention_pattern: torch.Tensor | None = None,
     ) -> MDMPrimeDiffusionOutput | tuple:
         """Training objective on clean tokens, in nats per scored token.
 
@@ -596,8 +622,12 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
                 prompt), others are the targets. Defaults to ``input_ids``.
             timesteps: optional ``(B,)`` times in (0, 1]: mask with probability 1 - α_t at these times.
             generator: optional torch.Generator for the noise.
+            attention_pattern: adapted models: ``(L, L)`` / ``(B, L, L)`` bool of allowed (query, key) pairs
+                (attention-mask annealing, see :meth:`token_logits`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if attention_pattern is not None and self.state_dependent:
+            raise ValueError("attention_pattern is not supported with GenMD4 (learnable_polynomial) models.")
         ids, scored = self._prepare_tokens(input_ids, attention_mask)
         if labels is not None:
             if labels.shape != ids.shape:
@@ -625,8 +655,14 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         noise = self._corrupt(clean, scored, strata, self.noise_schedule, generator, timesteps=timesteps)
         masked, seq_weight = noise.masked, noise.weight.float()
         rows = masked.any(-1)
+        # Only adapted models take a pattern (the image model's token_logits has no such argument).
+        pattern = {} if attention_pattern is None else {"attention_pattern": attention_pattern}
         logits = self.token_logits(
-            clean.masked_fill(masked, self.codec.mask_id), attention_mask, self._noise_level(noise.alpha), rows
+            clean.masked_fill(masked, self.codec.mask_id),
+            attention_mask,
+            self._noise_level(noise.alpha),
+            rows,
+            **pattern,
         )
         valid, prime = diffusion_terms(logits, ids[rows], masked[rows], self.codec, self.config.carry_over)
         weight = seq_weight.unsqueeze(1).expand_as(rows)[rows]
@@ -805,10 +841,11 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        num_samples: int = 16,
+        num_time_samples: int = 16,
         num_steps: int | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         scored_mask: torch.Tensor | None = None,
+        num_samples: int | None = None,
     ) -> MDMPrimeNLLOutput:
         """Monte-Carlo estimate of the valid NELBO, an upper bound on ``-log p_θ(x)``, in nats per sequence.
 
@@ -828,13 +865,13 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         Both use the endpoint-exact schedule (α(0) = 1, α(1) = 0), so nothing is dropped. In continuous time
         every network is scored with the count estimator (:func:`sample_mask_counts`: k masked elements with
         k uniform, weight N/k bounded by N; a time-conditioned network is told t ~ Beta(k, N - k + 1)). Each
-        sequence gets ``num_samples`` draws stratified over k; ``nll_stderr`` is their standard deviation over
+        sequence gets ``num_time_samples`` draws stratified over k; ``nll_stderr`` is their standard deviation over
         sqrt(K) (its coverage is tested for both kinds of network). In continuous time the paper objective is
         estimated from the same samples and returned as ``paper_objective`` (not a bound). The model is
-        evaluated in eval mode (no dropout) and its mode restored afterwards.
+        evaluated in eval mode (no dropout) and its mode restored afterwards. ``num_samples`` is the deprecated
+        name of ``num_time_samples`` (everywhere else ``num_samples`` counts generated samples).
         """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+        num_samples = time_samples_argument(num_time_samples, num_samples)
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
             raise ValueError(f"num_steps must be a positive integer or None, got {num_steps!r}.")
         ids, real = self._prepare_tokens(input_ids, attention_mask)
@@ -1000,6 +1037,21 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             paper_objective=nll if num_steps is None else None,  # ℓ = 1: the paper objective is the bound
             paper_objective_stderr=nll_stderr if num_steps is None else None,
         )
+
+
+def time_samples_argument(num_time_samples: int, num_samples: int | None) -> int:
+    """The number of Monte-Carlo draws of a likelihood bound, accepting its deprecated name ``num_samples``."""
+    if num_samples is not None:
+        warnings.warn(
+            "nll_bound(num_samples=...) is deprecated: the Monte-Carlo draw count is now num_time_samples "
+            "(num_samples counts generated samples everywhere else).",
+            FutureWarning,
+            stacklevel=3,
+        )
+        num_time_samples = num_samples
+    if isinstance(num_time_samples, bool) or not isinstance(num_time_samples, int) or num_time_samples < 1:
+        raise ValueError(f"num_time_samples must be a positive integer, got {num_time_samples!r}.")
+    return num_time_samples
 
 
 def _mean_and_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,7 +111,7 @@ def test_nelbo_perplexity_module_closed_form_and_direct_bound(tmp_path):
     mask = torch.zeros(3, 9, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    direct = model.nll_bound(ids, mask, num_samples=4, generator=torch.Generator().manual_seed(7))
+    direct = model.nll_bound(ids, mask, num_time_samples=4, generator=torch.Generator().manual_seed(7))
     assert out["nelbos"] == pytest.approx(direct.nll.tolist(), rel=1e-5)
     assert out["ppl_bound"] == pytest.approx(math.exp(direct.nll.sum().item() / 19), rel=1e-5)
     assert out["paper_objective_ppl"] == pytest.approx(math.exp(direct.paper_objective.sum().item() / 19), rel=1e-5)
@@ -126,7 +126,7 @@ def test_nelbo_estimate_converges_to_the_nll_and_its_error_shrinks_with_k():
     ids = sequences[pick : pick + 1].repeat(20, 1)
     errors = {}
     for k in (4, 16, 64):
-        out = model.nll_bound(ids, num_samples=k, generator=torch.Generator().manual_seed(k))
+        out = model.nll_bound(ids, num_time_samples=k, generator=torch.Generator().manual_seed(k))
         estimate, stderr = out.nll.mean().item(), out.nll_stderr.pow(2).mean().sqrt().item() / math.sqrt(20)
         assert abs(estimate - true_nll) < 4 * stderr, (k, estimate, true_nll, stderr)
         errors[k] = stderr
@@ -144,7 +144,7 @@ def test_evaluate_ppl_script_suite_and_two_processes(tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:3]))
     (tmp_path / "b.txt").write_text("\n".join(docs[3:]))
     (tmp_path / "suite.yaml").write_text("- {name: corpus a, path: a.jsonl}\n- {name: corpus b, path: b.txt}\n")
-    args = ["--model", str(checkpoint), "--suite", str(tmp_path / "suite.yaml"), "--seq_len", "16",
+    args = ["--model_name_or_path", str(checkpoint), "--suite", str(tmp_path / "suite.yaml"), "--seq_len", "16",
             "--num_time_samples", "3", "--batch_size", "2", "--cpu"]  # fmt: skip
     results = evaluate_ppl.main([*args, "--write_results"])
     assert [r["dataset"] for r in results] == ["corpus a", "corpus b"]

@@ -103,7 +103,7 @@ def run_finetune(workdir: Path, name: str, steps: int, *extra: str, base: str | 
     cmd = [sys.executable, str(SCRIPT), "--model_name_or_path", base or str(workdir / "base")]
     cmd += ["--train_file", str(workdir / "train.jsonl"), "--validation_file", str(workdir / "valid.jsonl")]
     cmd += ["--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", "16"]
-    cmd += ["--logging_steps", "50", "--save_strategy", "no", "--seed", "0", "--use_cpu", "--eval_repeats", "2"]
+    cmd += ["--logging_steps", "50", "--save_strategy", "no", "--seed", "0", "--use_cpu", "--eval_time_samples", "2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(workdir / "datasets-cache"))
     env.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")  # one thread: ~10x faster when the CPU is shared
     proc = subprocess.run([*cmd, *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
@@ -133,7 +133,7 @@ def reloaded_loss(path: Path, workdir: Path) -> float:
     held_out = script.tokenize(data["train"], tok, 32, jsonl=True)
     model = AutoModel.from_pretrained(path, trust_remote_code=True)
     assert type(model).__name__ == "MDMPrimeForMaskedDiffusion"
-    return script.held_out_loss(model, held_out, tok.pad_token_id, repeats=2)
+    return script.held_out_loss(model, held_out, tok.pad_token_id, num_time_samples=2)
 
 
 def test_trainer_trains_with_the_models_own_loss(tmp_path):

@@ -179,8 +179,8 @@ def test_bound_matches_md4_at_unit_powers_with_a_similar_standard_error():
     md4.load_state_dict(state)
     genmd4.load_state_dict(state, strict=False)
     ids = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(1))
-    a = genmd4.nll_bound(ids, num_samples=128, generator=torch.Generator().manual_seed(0))
-    b = md4.nll_bound(ids, num_samples=128, generator=torch.Generator().manual_seed(0))
+    a = genmd4.nll_bound(ids, num_time_samples=128, generator=torch.Generator().manual_seed(0))
+    b = md4.nll_bound(ids, num_time_samples=128, generator=torch.Generator().manual_seed(0))
     assert bool(((a.nll - b.nll).abs() < 4 * torch.hypot(a.nll_stderr, b.nll_stderr)).all())
     assert bool((a.nll_stderr < 2 * b.nll_stderr).all()), (a.nll_stderr, b.nll_stderr)
 
@@ -289,18 +289,18 @@ def test_bound_equals_nll_with_state_dependent_oracle():
     rows = torch.tensor([0, 5, 17, 42, 63])
     ids = model.sequences[rows]
     truth = -model.probs[rows].log()
-    out = model.nll_bound(ids, num_samples=2048, generator=torch.Generator().manual_seed(0))
+    out = model.nll_bound(ids, num_time_samples=2048, generator=torch.Generator().manual_seed(0))
     z = (out.nll - truth) / out.nll_stderr
     assert bool((z.abs() < 4).all()), (out.nll, truth, out.nll_stderr)
     assert bool((out.nll_stderr < 0.05 * truth).all())  # a usable standard error (finite variance)
     # Discrete time, T = 1: one step from all-masked to clean reveals every position from its marginal: exact.
-    one = model.nll_bound(ids, num_samples=2, num_steps=1, generator=torch.Generator().manual_seed(0))
+    one = model.nll_bound(ids, num_time_samples=2, num_steps=1, generator=torch.Generator().manual_seed(0))
     marginals = torch.stack([torch.zeros(4, dtype=torch.float64).index_add(0, model.sequences[:, n], model.probs)
                              for n in range(3)])  # fmt: skip
     closed = -torch.stack([marginals[n, ids[:, n]].log() for n in range(3)]).sum(0)
     assert torch.allclose(one.nll, closed, atol=1e-5) and bool((one.nll_stderr < 1e-5).all())
     # T steps: an upper bound that tightens towards -log p(x).
-    fine = model.nll_bound(ids, num_samples=256, num_steps=64, generator=torch.Generator().manual_seed(1))
+    fine = model.nll_bound(ids, num_time_samples=256, num_steps=64, generator=torch.Generator().manual_seed(1))
     assert bool((fine.nll - truth > -4 * fine.nll_stderr).all())
     assert float(fine.nll.sum()) < float(one.nll.sum())
     assert float((fine.nll.sum() - truth.sum()) / fine.nll_stderr.pow(2).sum().sqrt()) < 4
@@ -386,7 +386,7 @@ def saved_genmd4(tmp_path_factory):
     model.save_pretrained(root / "checkpoint")
     ids = torch.randint(0, 20, (2, 10), generator=torch.Generator().manual_seed(0))
     expected = {
-        "nll": model.nll_bound(ids, num_samples=4, generator=torch.Generator().manual_seed(0)).nll,
+        "nll": model.nll_bound(ids, num_time_samples=4, generator=torch.Generator().manual_seed(0)).nll,
         "generated": model.generate(max_new_tokens=6, num_steps=6, seed=0),
         "powers": model.powers.detach(),
     }
@@ -399,7 +399,7 @@ def test_save_load_round_trip(saved_genmd4):
         assert "schedule_power_logits" in set(f.keys())
     loaded = MDMPrimeForMaskedDiffusion.from_pretrained(root / "checkpoint").eval()
     assert torch.equal(loaded.powers, expected["powers"])
-    assert torch.equal(loaded.nll_bound(ids, num_samples=4, generator=torch.Generator().manual_seed(0)).nll,
+    assert torch.equal(loaded.nll_bound(ids, num_time_samples=4, generator=torch.Generator().manual_seed(0)).nll,
                        expected["nll"])  # fmt: skip
 
 
@@ -414,7 +414,7 @@ print(json.dumps({
     "transformers": transformers.__version__,
     "module": type(model).__module__,
     "powers": model.powers.tolist(),
-    "nll": model.nll_bound(ids, num_samples=4, generator=torch.Generator().manual_seed(0)).nll.tolist(),
+    "nll": model.nll_bound(ids, num_time_samples=4, generator=torch.Generator().manual_seed(0)).nll.tolist(),
     "generated": model.generate(max_new_tokens=6, num_steps=6, seed=0).tolist(),
 }))
 """
@@ -460,16 +460,18 @@ def test_power_gradient_is_finite_under_training():
 def test_pretrain_keeps_schedule_parameters_out_of_weight_decay_and_trains_genmd4(tmp_path):
     from test_pretrain import TINY, load_pretrain, logged, run
 
+    from modeling_mdm_prime.tools.training import optimizer_groups
+
     pretrain = load_pretrain()
     cfg = pretrain.parse_config(["--noise_schedule", "learnable_polynomial", "--weight_decay", "0.1"])
     assert cfg.num_sub_tokens == 1 and cfg.time_conditioning  # set for GenMD4
     model = MDMPrimeForMaskedDiffusion(genmd4_config(vocab=20))
-    groups = pretrain.optimizer_groups(model, cfg)
+    groups = optimizer_groups(model, cfg.weight_decay, cfg.decay_schedule_parameters)
     schedule = [g for g in groups if any(p is model.schedule_power_logits for p in g["params"])]
     assert len(schedule) == 1 and schedule[0]["weight_decay"] == 0.0 and len(schedule[0]["params"]) == 1
     assert [g["weight_decay"] for g in groups if g is not schedule[0]] == [0.1]
     cfg.decay_schedule_parameters = True
-    assert all(g["weight_decay"] == 0.1 for g in pretrain.optimizer_groups(model, cfg))
+    assert all(g["weight_decay"] == 0.1 for g in optimizer_groups(model, cfg.weight_decay, True))
 
     out = tmp_path / "genmd4"
     run([*TINY, "--noise_schedule", "learnable_polynomial", "--max_steps", "4", "--output_dir", str(out)])

@@ -865,7 +865,7 @@ def make_image_checkpoint(root: Path, *, eval_report: dict | None = None) -> Pat
     model.save_pretrained(final)
     samples = model.generate(num_images=4, seed=0)
     save_image_grid(samples, config.num_levels, final / "samples.png")
-    bound = model.nll_bound(samples, num_samples=4, generator=torch.Generator().manual_seed(0))
+    bound = model.nll_bound(samples, num_time_samples=4, generator=torch.Generator().manual_seed(0))
     metrics = {
         "val/bpd": float(bound.bits_per_dim.mean()),
         "val/bpd_stderr": float(bound.bits_per_dim.std() / 2),
@@ -999,7 +999,7 @@ def test_image_card_has_the_grid_the_bound_and_no_text_generation_tag(image_chec
     assert "| image shape | 1 × 8 × 8" in body and "ℓ = 2, base b = 5" in body and "`elbo` (the valid bound)" in body
     assert "model.generate(num_images=16, num_steps=64, seed=0)" in body
     assert "model.generate(pixel_values=x, keep_digits=[True, False], seed=0)" in body
-    assert "model.nll_bound(x, num_samples=16)" in body and "bits_per_dim" in body
+    assert "model.nll_bound(x, num_time_samples=16)" in body and "bits_per_dim" in body
     assert 'from_pretrained("user/mdm-prime-digits-tiny", trust_remote_code=True, revision="v1")' in body
     assert "AutoTokenizer" not in body and "not been evaluated" not in body and "## License" in body
 

@@ -212,7 +212,7 @@ def test_evaluate_images_digits_end_to_end(tmp_path):
     """A random tiny digits model (ℓ = 2, 17 levels) through examples/evaluate_images.py in a fresh process: bits
     per dimension from the bound, CFD and coverage per NFE with PNG grids, labelled as not FID."""
     model = _tiny_image_model(tmp_path / "model")
-    args = ["--model", str(model), "--nfe", "2", "4", "--num_samples", "64", "--num_eval_images", "16"]
+    args = ["--model_name_or_path", str(model), "--nfe", "2", "4", "--num_samples", "64", "--num_eval_images", "16"]
     report, stdout = _run_evaluate([*args, "--num_time_samples", "2", "--batch_size", "32"], tmp_path)
     bpd = report["bits_per_dim"]
     # An untrained model is near uniform over 17 levels: log2(17) = 4.09 bits; the bound can only be above -log p.

@@ -165,7 +165,7 @@ def test_objectives_train_both_backbones(backbone, ell):
         out.loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
-    bound = model.nll_bound(images, num_samples=4, generator=torch.Generator().manual_seed(0))
+    bound = model.nll_bound(images, num_time_samples=4, generator=torch.Generator().manual_seed(0))
     dims = model.config.num_pixel_tokens
     assert torch.allclose(bound.bits_per_dim, bound.nll / (dims * math.log(2)))
     assert torch.allclose(bound.bits_per_dim_stderr, bound.nll_stderr / (dims * math.log(2)))
@@ -180,7 +180,7 @@ def test_zero_initialised_unet_gives_closed_form_objectives():
     assert model(images).loss.item() == pytest.approx(math.log(17), abs=1e-6)
     model.config.loss_type = "elbo"
     assert model(images).elbo.item() == pytest.approx(math.log(17), abs=1e-5)
-    bound = model.nll_bound(images, num_samples=3)
+    bound = model.nll_bound(images, num_time_samples=3)
     assert torch.allclose(bound.bits_per_dim, torch.full((3,), math.log2(17), dtype=torch.float64), atol=1e-6)
 
 
@@ -192,7 +192,7 @@ def test_bound_with_an_oracle_denoiser_is_the_exact_nll(levels, ell):
     pick = torch.multinomial(model.probs.float(), 6, replacement=False, generator=torch.Generator().manual_seed(1))
     images = model.ids_to_pixels(model.sequences[pick])
     exact = -model.probs[pick].log()
-    out = model.nll_bound(images, num_samples=256, generator=torch.Generator().manual_seed(0))
+    out = model.nll_bound(images, num_time_samples=256, generator=torch.Generator().manual_seed(0))
     z = (out.nll - exact) / out.nll_stderr
     assert bool((z.abs() < 4).all()), (out.nll, exact, out.nll_stderr)
     assert torch.allclose(out.bits_per_dim, exact / (4 * math.log(2)), atol=float(4 * out.bits_per_dim_stderr.max()))
@@ -349,7 +349,7 @@ path, work = sys.argv[1], sys.argv[2]
 inputs = load_file(f"{work}/inputs.safetensors")
 model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
 out = model.generate(num_images=3, seed=0, return_dict_in_generate=True)
-bound = model.nll_bound(inputs["images"], num_samples=4, generator=torch.Generator().manual_seed(0))
+bound = model.nll_bound(inputs["images"], num_time_samples=4, generator=torch.Generator().manual_seed(0))
 imputed = model.generate(pixel_values=inputs["images"], keep_digits=[True, False], seed=1)
 save_file(
     {"images": out.images, "bpd": bound.bits_per_dim, "imputed": imputed},
@@ -392,7 +392,7 @@ def test_image_checkpoint_loads_with_only_its_code(tmp_path, python, version, ba
     out = load_file(tmp_path / "out.safetensors")
     assert torch.equal(out["images"], model.generate(num_images=3, seed=0))
     assert torch.equal(out["imputed"], model.generate(pixel_values=images, keep_digits=[True, False], seed=1))
-    bound = model.nll_bound(images, num_samples=4, generator=torch.Generator().manual_seed(0))
+    bound = model.nll_bound(images, num_time_samples=4, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out["bpd"], bound.bits_per_dim, atol=1e-5)
 
 

@@ -34,9 +34,15 @@ def request(kind: str, *args) -> Instance:
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
 
 
+def test_mc_samples_is_a_deprecated_alias():
+    with pytest.warns(FutureWarning, match="mc_samples is deprecated"):
+        lm = MDMPrimeLM(str(CHECKPOINT), mc_samples=3, is_greedy=False)
+    assert lm.num_time_samples == 3 and lm.get_model_info()["mdm_prime_num_time_samples"] == 3
+
+
 @pytest.fixture(scope="module")
 def reference_lm():
-    return MDMPrimeLM(str(CHECKPOINT), mc_samples=4, batch_size=4, num_steps=8)
+    return MDMPrimeLM(str(CHECKPOINT), num_time_samples=4, batch_size=4, num_steps=8)
 
 
 @pytest.mark.parametrize("time_conditioning", [False, True])
@@ -45,7 +51,7 @@ def test_count_estimator_draws_exactly_what_nll_bound_draws(time_conditioning):
     # the same seed (mask sets, weights N/k and, for a time-conditioned network, noise levels).
     model = tiny_model(time_conditioning=time_conditioning)
     ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(3))
-    reference = model.nll_bound(ids, num_samples=8, generator=torch.Generator().manual_seed(11))
+    reference = model.nll_bound(ids, num_time_samples=8, generator=torch.Generator().manual_seed(11))
     samples, _ = conditional_bounds(model, [([], ids[0].tolist())], 8, seeds=[11], batch_size=3)
     assert samples.mean().item() == pytest.approx(reference.nll.item(), rel=1e-5)
     assert (samples.std() / math.sqrt(8)).item() == pytest.approx(reference.nll_stderr.item(), rel=1e-4)
@@ -67,10 +73,10 @@ def test_loglikelihood_converges_to_the_exact_conditional_with_an_oracle(ell):
     cases = [(likely[:2], likely[2:]), (likely[:1], likely[1:]), ([], likely), (sequences[7, :3].tolist(), [4])]
     requests = [(None, ctx, cont) for ctx, cont in cases]
     stderrs = {}
-    for mc_samples in (16, 256):
-        lm = MDMPrimeLM(oracle, mc_samples=mc_samples, seed=0, is_greedy=False)
+    for num_time_samples in (16, 256):
+        lm = MDMPrimeLM(oracle, num_time_samples=num_time_samples, seed=0, is_greedy=False)
         results = lm._loglikelihood_tokens(requests)
-        stderrs[mc_samples] = torch.tensor([e.stderr for e in lm.last_estimates["loglikelihood"]])
+        stderrs[num_time_samples] = torch.tensor([e.stderr for e in lm.last_estimates["loglikelihood"]])
         for (ctx, cont), (ll, greedy), est in zip(cases, results, lm.last_estimates["loglikelihood"], strict=True):
             exact = exact_conditional(sequences, probs, ctx, cont)
             assert greedy is False  # not computed: is_greedy=False
@@ -94,7 +100,7 @@ def test_is_greedy_by_iterative_argmax_unmasking():
     oracle = OracleModel(oracle_config(vocab, 2), sequences, probs.double()).eval()
     best = sequences[top].tolist()
     other = [(best[2] + 1) % vocab, best[3]]
-    lm = MDMPrimeLM(oracle, mc_samples=2, is_greedy=True)
+    lm = MDMPrimeLM(oracle, num_time_samples=2, is_greedy=True)
     results = lm._loglikelihood_tokens([(None, best[:2], best[2:]), (None, best[:2], other), (None, [], best)])
     assert [greedy for _, greedy in results] == [True, False, True]
 
@@ -107,12 +113,14 @@ def test_rolling_with_an_oracle_matches_nll_bound_and_the_exact_likelihood():
     config = oracle_config(vocab, ell)
     config.eos_token_id = 0
     oracle = OracleModel(config, sequences, probs).eval()
-    lm = MDMPrimeLM(oracle, mc_samples=256, seed=1, max_length=4)  # one window: [EOT] | x1 x2 x3
+    lm = MDMPrimeLM(oracle, num_time_samples=256, seed=1, max_length=4)  # one window: [EOT] | x1 x2 x3
     text = tails[probs.argmax()].tolist()
     (est,) = lm.rolling_bounds([text])
     assert est.num_windows == 1 and est.num_tokens == 3
     exact = math.log(probs.max().item())
-    bound = oracle.nll_bound(torch.tensor([[0, *text]]), num_samples=256, generator=torch.Generator().manual_seed(4))
+    bound = oracle.nll_bound(
+        torch.tensor([[0, *text]]), num_time_samples=256, generator=torch.Generator().manual_seed(4)
+    )
     assert abs(est.loglikelihood - exact) < 4 * est.stderr
     assert abs(bound.nll.item() + exact) < 4 * bound.nll_stderr.item()
     assert abs(est.loglikelihood + bound.nll.item()) < 4 * math.hypot(est.stderr, bound.nll_stderr.item())
@@ -121,7 +129,7 @@ def test_rolling_with_an_oracle_matches_nll_bound_and_the_exact_likelihood():
 def test_rolling_is_the_sum_of_disjoint_window_bounds():
     model = tiny_model()
     model.config.eos_token_id = 0
-    lm = MDMPrimeLM(model, mc_samples=3, seed=7, rolling_context_len=8)
+    lm = MDMPrimeLM(model, num_time_samples=3, seed=7, rolling_context_len=8)
     tokens = torch.randint(1, 300, (150,), generator=torch.Generator().manual_seed(0)).tolist()
     windows = lm._rolling_windows(tokens, lm.eot_token_id)
     assert [t for _, t in windows] and sum((t for _, t in windows), []) == tokens  # each token scored once
@@ -139,7 +147,7 @@ def test_rolling_is_the_sum_of_disjoint_window_bounds():
 
 
 def test_long_contexts_are_cut_from_the_left_and_never_scored_zero():
-    lm = MDMPrimeLM(tiny_model(), mc_samples=4, seed=0)  # max_length = 64
+    lm = MDMPrimeLM(tiny_model(), num_time_samples=4, seed=0)  # max_length = 64
     tokens = torch.randint(1, 300, (200,), generator=torch.Generator().manual_seed(1)).tolist()
     context, continuation = tokens[:120], tokens[120:125]
     (long_ll, _), (cut_ll, _) = lm._loglikelihood_tokens(
@@ -164,7 +172,7 @@ def test_text_requests_follow_lm_eval_conventions(reference_lm):
     assert moved == plain and empty == with_bos and empty[0] < 0
     assert lm.tok_encode("<|endoftext|>") == [lm.prefix_token_id]
     assert len(lm.last_stderr["loglikelihood"]) == 4 and all(s > 0 for s in lm.last_stderr["loglikelihood"])
-    assert lm.get_model_info()["mdm_prime_mc_samples"] == 4
+    assert lm.get_model_info()["mdm_prime_num_time_samples"] == 4
     with pytest.raises(ValueError, match="unknown mdm_prime model_args"):
         MDMPrimeLM(str(CHECKPOINT), num_beams=4)
     with pytest.raises(ValueError, match="strategy"):
@@ -200,10 +208,10 @@ def test_a_lora_adapter_is_evaluated_on_its_base_model(tmp_path):
     lora = get_peft_model(base, LoraConfig(r=4, target_modules=["attn_qkv", "fc_in"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
     # The base recorded in the adapter's config, the tokenizer from the base folder.
-    adapted = MDMPrimeLM(peft=str(tmp_path / "adapter"), mc_samples=4)
-    plain = MDMPrimeLM(str(CHECKPOINT), mc_samples=4)
+    adapted = MDMPrimeLM(peft=str(tmp_path / "adapter"), num_time_samples=4)
+    plain = MDMPrimeLM(str(CHECKPOINT), num_time_samples=4)
     unmerged = PeftModel.from_pretrained(MDMPrimeForMaskedDiffusion.from_pretrained(CHECKPOINT), tmp_path / "adapter")
-    reference = MDMPrimeLM(unmerged.get_base_model(), tokenizer=str(CHECKPOINT), mc_samples=4)
+    reference = MDMPrimeLM(unmerged.get_base_model(), tokenizer=str(CHECKPOINT), num_time_samples=4)
     reqs = [request("loglikelihood", "ROMEO:", " O, she doth teach the torches to burn bright!")]
     (ll_adapted, _), (ll_plain, _), (ll_reference, _) = (m.loglikelihood(reqs)[0] for m in (adapted, plain, reference))
     assert ll_adapted == pytest.approx(ll_reference, abs=1e-3)  # merged = LoRA layers applied on the fly
@@ -241,7 +249,7 @@ def read_run(output: Path) -> tuple[dict, dict[str, list[dict]]]:
 
 @pytest.mark.slow
 def test_lm_eval_cli_runs_the_local_tasks_on_one_and_two_processes(tmp_path):
-    args = ["--model", "mdm_prime", "--model_args", f"pretrained={CHECKPOINT},mc_samples=2,num_steps=4",
+    args = ["--model", "mdm_prime", "--model_args", f"pretrained={CHECKPOINT},num_time_samples=2,num_steps=4",
             "--tasks", "mdm_prime_local", "--include_path", str(TASKS), "--batch_size", "4", "--device", "cpu",
             "--log_samples"]  # fmt: skip
     run_cli([*args, "--output_path", str(tmp_path / "one")])
@@ -253,7 +261,7 @@ def test_lm_eval_cli_runs_the_local_tasks_on_one_and_two_processes(tmp_path):
         1.0 < scores["mdm_prime_ppl"]["byte_perplexity,none"] < 2048
         and scores["mdm_prime_ppl"]["bits_per_byte,none"] > 0
     )
-    assert results["config"]["mdm_prime_mc_samples"] == 2
+    assert results["config"]["mdm_prime_num_time_samples"] == 2
     assert len(samples["mdm_prime_mc"]) == 16 and len(samples["mdm_prime_ppl"]) == 6
     for doc in samples["mdm_prime_mc"]:
         assert all(float(resp[0][0]) < 0 for resp in doc["resps"])  # a bound on a log-probability
@@ -293,9 +301,9 @@ def test_is_greedy_is_computed_by_default():
     oracle = OracleModel(oracle_config(vocab, 2), sequences, probs.double()).eval()
     best = sequences[top].tolist()
     requests = [(None, best[:2], best[2:])]
-    ((_, greedy),) = MDMPrimeLM(oracle, mc_samples=2)._loglikelihood_tokens(requests)
+    ((_, greedy),) = MDMPrimeLM(oracle, num_time_samples=2)._loglikelihood_tokens(requests)
     assert greedy is True
-    ((_, skipped),) = MDMPrimeLM(oracle, mc_samples=2, is_greedy=False)._loglikelihood_tokens(requests)
+    ((_, skipped),) = MDMPrimeLM(oracle, num_time_samples=2, is_greedy=False)._loglikelihood_tokens(requests)
     assert skipped is False
 
 
@@ -314,11 +322,11 @@ def test_per_row_generators_make_the_bound_independent_of_the_batch(time_conditi
         real[r, : len(tokens)] = 1
         target[r, 4 : len(tokens)] = r < 2  # row 2 is all context
     generators = [torch.Generator().manual_seed(100 + r) for r in range(3)]
-    batched = model.nll_bound(ids, real, num_samples=6, generator=generators, scored_mask=target)
+    batched = model.nll_bound(ids, real, num_time_samples=6, generator=generators, scored_mask=target)
     for r, tokens in enumerate(rows):
         alone = model.nll_bound(
             ids[r : r + 1, : len(tokens)],
-            num_samples=6,
+            num_time_samples=6,
             generator=[torch.Generator().manual_seed(100 + r)],
             scored_mask=target[r : r + 1, : len(tokens)],
         )

@@ -137,13 +137,16 @@ def test_nll_bound_output():
     ids = torch.randint(0, 300, (3, 10))
     mask = torch.ones_like(ids)
     mask[0, 6:] = 0
-    out = model.nll_bound(ids, attention_mask=mask, num_samples=4, generator=torch.Generator().manual_seed(0))
+    out = model.nll_bound(ids, attention_mask=mask, num_time_samples=4, generator=torch.Generator().manual_seed(0))
     assert out.nll.shape == out.nll_stderr.shape == out.paper_objective.shape == (3,)
     assert out.num_tokens.tolist() == [6, 10, 10]
-    again = model.nll_bound(ids, attention_mask=mask, num_samples=4, generator=torch.Generator().manual_seed(0))
+    again = model.nll_bound(ids, attention_mask=mask, num_time_samples=4, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out.nll, again.nll)
-    discrete = model.nll_bound(ids, num_samples=2, num_steps=8)
+    discrete = model.nll_bound(ids, num_time_samples=2, num_steps=8)
     assert discrete.paper_objective is None and torch.isfinite(discrete.nll).all()
+    with pytest.warns(FutureWarning, match="num_samples=...\\) is deprecated"):
+        old_name = model.nll_bound(ids, attention_mask=mask, num_samples=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(old_name.nll, out.nll)  # the deprecated name means the same draws
 
 
 @pytest.mark.parametrize(
@@ -195,8 +198,8 @@ def test_bad_inputs_raise():
         model(torch.tensor([[1, 2, 3]]), timesteps=torch.tensor([float("nan")]))
     with pytest.raises(ValueError, match=r"timesteps must be a scalar or have shape \(2,\)"):
         model(torch.tensor([[1, 2, 3], [4, 5, 6]]), timesteps=torch.full((3,), 0.5))
-    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
-        model.nll_bound(torch.tensor([[1, 2, 3]]), num_samples=2.5)
+    with pytest.raises(ValueError, match="num_time_samples must be a positive integer"):
+        model.nll_bound(torch.tensor([[1, 2, 3]]), num_time_samples=2.5)
     with pytest.raises(ValueError, match="num_steps must be a positive integer"):
         model.nll_bound(torch.tensor([[1, 2, 3]]), num_steps=2.5)
     with pytest.raises(ValueError, match="noise_level"):
@@ -240,9 +243,9 @@ def test_config_and_codec_share_one_rule_for_the_number_of_sub_tokens():
 def test_nll_bound_evaluates_in_eval_mode_and_restores_the_mode():
     model = tiny_model(dropout=0.3)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    evaluated = model.nll_bound(ids, num_samples=4, generator=torch.Generator().manual_seed(1)).nll
+    evaluated = model.nll_bound(ids, num_time_samples=4, generator=torch.Generator().manual_seed(1)).nll
     model.train()
-    in_train_mode = model.nll_bound(ids, num_samples=4, generator=torch.Generator().manual_seed(1)).nll
+    in_train_mode = model.nll_bound(ids, num_time_samples=4, generator=torch.Generator().manual_seed(1)).nll
     assert torch.equal(evaluated, in_train_mode) and model.training
 
 
@@ -251,6 +254,6 @@ def test_geometric_time_conditioned_model_has_finite_losses_near_t_0():
     ids = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(0))
     for t in (1e-7, 1e-4, 1e-3, 1.0):
         assert torch.isfinite(model(ids, timesteps=torch.full((4,), t)).loss)
-    out = model.nll_bound(ids, num_samples=64, generator=torch.Generator().manual_seed(0))
+    out = model.nll_bound(ids, num_time_samples=64, generator=torch.Generator().manual_seed(0))
     assert bool(torch.isfinite(out.nll).all() and torch.isfinite(out.nll_stderr).all())
-    assert bool(torch.isfinite(model.nll_bound(ids, num_samples=8, num_steps=4096).nll).all())
+    assert bool(torch.isfinite(model.nll_bound(ids, num_time_samples=8, num_steps=4096).nll).all())

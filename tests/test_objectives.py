@@ -40,7 +40,7 @@ def test_counterexample_through_nll_bound():
     sequences = torch.tensor([[0], [3]])
     model = OracleModel(oracle_config(4, 2), sequences, torch.tensor([0.5, 0.5], dtype=torch.float64)).eval()
     ids = torch.tensor([[0], [3]]).repeat(20, 1)
-    out = model.nll_bound(ids, num_samples=200, generator=torch.Generator().manual_seed(0))
+    out = model.nll_bound(ids, num_time_samples=200, generator=torch.Generator().manual_seed(0))
     nll, nll_se = out.nll.mean(), out.nll_stderr.pow(2).mean().sqrt() / math.sqrt(len(ids))
     prime, prime_se = out.paper_objective.mean(), out.paper_objective_stderr.pow(2).mean().sqrt() / math.sqrt(len(ids))
     assert abs(nll - LN2) < 4 * nll_se and nll_se < 0.02
@@ -56,7 +56,7 @@ def test_valid_bound_equals_nll_with_oracle(vocab, ell):
     picks = [int(probs.argmax()), int(probs.argsort()[len(probs) // 2]), int(probs.argsort()[len(probs) // 8])]
     repeats = 30
     ids = sequences[picks].repeat_interleave(repeats, 0)
-    out = model.nll_bound(ids, num_samples=100, generator=torch.Generator().manual_seed(1))
+    out = model.nll_bound(ids, num_time_samples=100, generator=torch.Generator().manual_seed(1))
     for k, pick in enumerate(picks):
         rows = slice(k * repeats, (k + 1) * repeats)
         estimate = out.nll[rows].mean()
@@ -73,7 +73,7 @@ def test_discrete_time_bound_with_oracle(ell):
     model = OracleModel(oracle_config(vocab, ell), sequences, probs).eval()
     ids = sequences[[int(probs.argmax()), 7]]
     # T = 1 reveals everything at once from the all-masked state: Σ_i -log p_i(x_i) exactly.
-    one_step = model.nll_bound(ids, num_samples=3, num_steps=1)
+    one_step = model.nll_bound(ids, num_time_samples=3, num_steps=1)
     marginals = torch.stack(
         [torch.zeros(vocab, dtype=torch.float64).index_add_(0, sequences[:, i], probs) for i in range(2)]
     )
@@ -84,7 +84,7 @@ def test_discrete_time_bound_with_oracle(ell):
     # Many steps approach the continuous bound, which equals the NLL for an oracle.
     true_nll = -probs[[int(probs.argmax()), 7]].log()
     many = model.nll_bound(
-        ids.repeat(20, 1), num_samples=100, num_steps=1000, generator=torch.Generator().manual_seed(2)
+        ids.repeat(20, 1), num_time_samples=100, num_steps=1000, generator=torch.Generator().manual_seed(2)
     )
     for k in range(2):
         estimate = many.nll[k::2].mean()
@@ -143,7 +143,7 @@ def test_discrete_time_bound_matches_exact_enumeration(time_conditioning):
     num_steps = 5
     exact = exact_discrete_bound(model, ids, num_steps)
     out = model.nll_bound(
-        ids.repeat(64, 1), num_samples=16, num_steps=num_steps, generator=torch.Generator().manual_seed(5)
+        ids.repeat(64, 1), num_time_samples=16, num_steps=num_steps, generator=torch.Generator().manual_seed(5)
     )
     estimate = out.nll.mean().item()
     stderr = out.nll_stderr.pow(2).mean().sqrt().item() / math.sqrt(64)
@@ -164,9 +164,11 @@ def test_discrete_time_bound_variance_is_close_to_the_continuous_bounds():
     model = MDMPrimeForMaskedDiffusion.from_pretrained(checkpoint).eval()
     text = read_documents(str(BUNDLED_CORPUS))[0]["text"][20000:80000]
     ids = torch.tensor(AutoTokenizer.from_pretrained(checkpoint)(text)["input_ids"][: 16 * 128]).view(16, 128)
-    continuous = model.nll_bound(ids, num_samples=8, generator=torch.Generator().manual_seed(1))
+    continuous = model.nll_bound(ids, num_time_samples=8, generator=torch.Generator().manual_seed(1))
     for num_steps in (16, 100, 1000):
-        discrete = model.nll_bound(ids, num_samples=8, num_steps=num_steps, generator=torch.Generator().manual_seed(2))
+        discrete = model.nll_bound(
+            ids, num_time_samples=8, num_steps=num_steps, generator=torch.Generator().manual_seed(2)
+        )
         ratio = (discrete.nll_stderr.mean() / continuous.nll_stderr.mean()).item()
         assert ratio < 2.0, (num_steps, ratio)
         gap = (discrete.nll.mean() - continuous.nll.mean()).item()
@@ -301,8 +303,8 @@ def test_standard_error_covers_the_bound(time_conditioning):
 
     model = tiny_model(num_sub_tokens=2, time_conditioning=time_conditioning)
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(5)).expand(400, 12)
-    truth = model.nll_bound(ids, num_samples=64, generator=torch.Generator().manual_seed(1)).nll.mean()
-    out = model.nll_bound(ids, num_samples=16, generator=torch.Generator().manual_seed(2))
+    truth = model.nll_bound(ids, num_time_samples=64, generator=torch.Generator().manual_seed(1)).nll.mean()
+    out = model.nll_bound(ids, num_time_samples=16, generator=torch.Generator().manual_seed(2))
     ratio = float(out.nll.std() / out.nll_stderr.mean())
     coverage = float(((out.nll - truth).abs() < 1.96 * out.nll_stderr).double().mean())
     assert 0.8 < ratio < 1.2, ratio

@@ -64,7 +64,7 @@ def test_autocast_bound_and_genmd4_integrand_stay_in_full_precision(device, dtyp
     model = tiny_model(num_sub_tokens=2).to(device)
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.autocast(device, dtype=dtype):
-        bound = model.nll_bound(ids, num_samples=2, generator=torch.Generator(device).manual_seed(0))
+        bound = model.nll_bound(ids, num_time_samples=2, generator=torch.Generator(device).manual_seed(0))
     assert bound.nll.dtype == torch.float64 and torch.isfinite(bound.nll).all()
     gen = torch.Generator().manual_seed(2)
     logits, targets = torch.randn(64, 300, generator=gen) * 3, torch.randint(0, 300, (64,), generator=gen)

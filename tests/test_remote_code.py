@@ -16,6 +16,7 @@ from modeling_mdm_prime import MDMPrimeGenerationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = {
+    "adapted_mdm_prime.py",
     "configuration_mdm_prime.py",
     "codec_mdm_prime.py",
     "schedules_mdm_prime.py",

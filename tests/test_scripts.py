@@ -28,9 +28,9 @@ def test_every_script_is_found():
     assert any(s.startswith("benchmarks/") for s in SCRIPTS)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_help_exits_0_and_describes_every_flag(script, monkeypatch, capsys):
-    """``python SCRIPT --help`` through the script's real parser (run in-process: one interpreter for all)."""
+def help_parsers(script: str, monkeypatch, capsys) -> tuple[list[argparse.ArgumentParser], str]:
+    """``python SCRIPT --help`` through the script's real parser (run in-process: one interpreter for all): the
+    parsers that printed help, and the text."""
     parsers: list[argparse.ArgumentParser] = []
     print_help = argparse.ArgumentParser.print_help
 
@@ -45,7 +45,12 @@ def test_help_exits_0_and_describes_every_flag(script, monkeypatch, capsys):
         runpy.run_path(str(REPO / script), run_name="__main__")
     assert exited.value.code in (0, None), capsys.readouterr().err
     assert parsers, f"{script} --help printed no argparse help"
-    text = capsys.readouterr().out
+    return parsers, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_exits_0_and_describes_every_flag(script, monkeypatch, capsys):
+    parsers, text = help_parsers(script, monkeypatch, capsys)
     assert "usage:" in text
     undescribed = [
         "/".join(action.option_strings) or action.dest
@@ -56,6 +61,72 @@ def test_help_exits_0_and_describes_every_flag(script, monkeypatch, capsys):
         and not re.sub(r"\(default: [^)]*\)", "", action.help or "").strip()
     ]
     assert not undescribed, f"{script}: flags without a description: {undescribed}"
+
+
+# One name per concept (modeling_mdm_prime/tools/cli.py): these may only be aliases after the canonical flag.
+SYNONYMS = {
+    "--model": "--model_name_or_path",
+    "--checkpoint": "--model_name_or_path",
+    "--mc_samples": "--num_time_samples",
+    "--time_samples": "--num_time_samples",
+    "--eval_repeats": "--eval_time_samples",
+    "--samples": "--num_samples",
+    "--hidden": "--hidden_size",
+    "--layers": "--num_hidden_layers",
+    "--num_layers": "--num_hidden_layers",
+    "--heads": "--num_attention_heads",
+    "--num_heads": "--num_attention_heads",
+    "--lr": "--learning_rate",
+    "--batch": "--batch_size",
+    "--bpe_vocab": "--bpe_vocab_size",
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_speaks_one_vocabulary(script, monkeypatch, capsys):
+    """Each flag's canonical (first) spelling uses underscores and is the package's name for its concept; a
+    Monte-Carlo draw count is always ``*_time_samples``; the card's dataset is never plain ``--dataset``."""
+    parsers, _ = help_parsers(script, monkeypatch, capsys)
+    for parser in parsers:
+        for action in parser._actions:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            if not longs or isinstance(action, argparse._HelpAction):
+                continue
+            canonical = longs[0]
+            assert "-" not in canonical[2:], f"{script}: {canonical} is hyphenated; spell it with underscores"
+            assert canonical not in SYNONYMS, f"{script}: {canonical} should be {SYNONYMS[canonical]}"
+            if re.match(r"Monte-Carlo (draws|time samples)", action.help or ""):
+                assert canonical.endswith("time_samples"), f"{script}: {canonical} counts Monte-Carlo draws"
+            if canonical == "--dataset":
+                assert "card" not in (action.help or ""), f"{script}: the card's dataset is --card_dataset"
+
+
+def test_old_spellings_still_parse(monkeypatch, capsys):
+    """Renamed flags keep their old spelling as an alias (scripts and configs users already have keep working)."""
+    from modeling_mdm_prime.tools.cli import add_sized_arguments, option_strings, sized_defaults
+
+    assert option_strings("num_time_samples") == ["--num_time_samples", "--num-time-samples"]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true")
+    add_sized_arguments(parser, {"batch_size": 16, "seq_len": 128}, {"batch_size": 2, "seq_len": 8})
+    args = sized_defaults(parser.parse_args(["--batch-size", "3", "--tiny"]), {"batch_size": 16, "seq_len": 128},
+                          {"batch_size": 2, "seq_len": 8})  # fmt: skip
+    assert (args.batch_size, args.seq_len) == (3, 8)
+    with pytest.raises(ValueError, match="missing help"):
+        add_sized_arguments(argparse.ArgumentParser(), {"nonsense": 1}, {"nonsense": 0})
+    parsers, _ = help_parsers("examples/evaluate_ppl.py", monkeypatch, capsys)
+    (parser,) = parsers
+    assert parser.parse_args(["--model", "somewhere"]).model_name_or_path == "somewhere"
+
+
+def test_benchmarks_do_not_import_the_example_scripts():
+    """Benchmarks use the library (``modeling_mdm_prime.tools``), not ``examples/*.py`` through ``sys.path``; the
+    one exception measures ``examples/pretrain.py`` itself."""
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        if path.name == "default_budget.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert '"examples")' not in text and "from pretrain import" not in text, path.name
 
 
 @pytest.mark.slow

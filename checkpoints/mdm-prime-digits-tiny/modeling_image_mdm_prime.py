@@ -390,18 +390,25 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         self,
         pixel_values: torch.Tensor,
         class_labels: torch.Tensor | None = None,
-        num_samples: int = 16,
+        num_time_samples: int = 16,
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
+        num_samples: int | None = None,
     ) -> MDMPrimeImageNLLOutput:
         """The valid NELBO per image (an upper bound on ``-log p_θ(x)``), in nats and bits per dimension, with
-        standard errors over the ``num_samples`` Monte-Carlo draws (see the text model's :meth:`nll_bound`; the
+        standard errors over the ``num_time_samples`` Monte-Carlo draws (see the text model's :meth:`nll_bound`; the
         paper's cross-entropy is never reported as a likelihood). Class-conditional models give
         ``-log p_θ(x | class)``."""
         ids = self.pixels_to_ids(pixel_values)
         labels = self._class_labels(class_labels, ids.shape[0], ids.device)
         with self.conditioning(labels):
-            out = super().nll_bound(ids, num_samples=num_samples, num_steps=num_steps, generator=generator)
+            out = super().nll_bound(
+                ids,
+                num_time_samples=num_time_samples,
+                num_steps=num_steps,
+                generator=generator,
+                num_samples=num_samples,
+            )
         per_image = math.log(2.0) * self.config.num_pixel_tokens
         return MDMPrimeImageNLLOutput(
             nll=out.nll,

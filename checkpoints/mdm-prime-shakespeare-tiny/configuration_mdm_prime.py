@@ -18,6 +18,8 @@ LOSS_TYPES = ("elbo", "prime")
 # The MDM-Prime paper's image objective (images.md): unweighted cross-entropy, sub-tokens masked w.p. 1 - (1 - t)^3.
 IMAGE_LOSS_TYPES = (*LOSS_TYPES, "cross_entropy")
 IMAGE_BACKBONES = ("transformer", "unet")
+# Causal LM architectures whose transformers model can host an adapted backbone (transformer_config).
+ADAPTABLE_MODEL_TYPES = ("llama", "qwen2", "gpt2")
 
 AUTO_MAP = {
     "AutoConfig": "configuration_mdm_prime.MDMPrimeConfig",
@@ -101,6 +103,12 @@ class MDMPrimeConfig(PretrainedConfig):
             is restricted to the tokens whose digits agree with the revealed ones.
         rope_theta: RoPE base.
         layer_norm_eps, initializer_range: as in other transformers models.
+        transformer_config: for a model adapted from a pretrained causal LM (docs/guides/adaptation.md), the
+            source architecture's transformers config as a dict (``model_type`` one of
+            ``ADAPTABLE_MODEL_TYPES``). The backbone is then that architecture's own transformers model, run
+            bidirectionally, and ``hidden_size`` must equal its width; the size arguments above only describe it.
+        shift_logits: the hidden state at position i - 1 predicts token i (position 0 predicts itself), so that an
+            adapted causal LM's output layer keeps its meaning (DiffuGPT, Dream).
     """
 
     model_type = "mdm_prime"
@@ -130,6 +138,8 @@ class MDMPrimeConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         layer_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
+        transformer_config: dict | None = None,
+        shift_logits: bool = False,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
@@ -157,6 +167,8 @@ class MDMPrimeConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
+        self.transformer_config = transformer_config
+        self.shift_logits = shift_logits
         kwargs.setdefault("tie_word_embeddings", False)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(
@@ -191,17 +203,21 @@ class MDMPrimeConfig(PretrainedConfig):
         for name in ("num_hidden_layers", "intermediate_size", "max_position_embeddings", "time_embedding_size"):
             positive_int(name)
         check_sub_token_split(vocab_size, num_sub_tokens)
+        if not isinstance(self.shift_logits, bool):
+            raise ValueError(f"shift_logits must be True or False, got {self.shift_logits!r}.")
+        if self.transformer_config is not None:
+            self._validate_transformer_config()
         max_sub_tokens = (vocab_size - 1).bit_length()
-        if hidden_size % num_sub_tokens:
+        if self.transformer_config is None and hidden_size % num_sub_tokens:
             divisible = [d for d in range(1, max_sub_tokens + 1) if hidden_size % d == 0]
             raise ValueError(
                 f"hidden_size={hidden_size} is not divisible by num_sub_tokens={num_sub_tokens}: the "
                 f"{num_sub_tokens} sub-token embeddings are concatenated into one hidden vector. Choose "
                 f"hidden_size as a multiple of {num_sub_tokens} or num_sub_tokens in {divisible}."
             )
-        if hidden_size % num_heads:
+        if self.transformer_config is None and hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_attention_heads={num_heads}.")
-        if (hidden_size // num_heads) % 2:
+        if self.transformer_config is None and (hidden_size // num_heads) % 2:
             raise ValueError(
                 f"head dimension hidden_size / num_attention_heads = {hidden_size // num_heads} must be even "
                 "for rotary position embeddings."
@@ -252,6 +268,27 @@ class MDMPrimeConfig(PretrainedConfig):
             for token_id in ids:
                 if token_id is not None and not 0 <= token_id < vocab_size:
                     raise ValueError(f"{name}={value} is outside the vocabulary [0, {vocab_size}).")
+
+    def _validate_transformer_config(self) -> None:
+        source = self.transformer_config
+        if not isinstance(source, dict) or source.get("model_type") not in ADAPTABLE_MODEL_TYPES:
+            found = source.get("model_type") if isinstance(source, dict) else type(source).__name__
+            raise ValueError(
+                f"transformer_config must be a dict with model_type in {ADAPTABLE_MODEL_TYPES} (the source causal "
+                f"LM's config, e.g. LlamaConfig().to_dict()), got {found!r}."
+            )
+        width = source.get("hidden_size", source.get("n_embd"))
+        if width != self.hidden_size:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must equal the width of transformer_config ({width}): the "
+                "backbone is that model."
+            )
+        if self.vocab_size > source.get("vocab_size", self.vocab_size):
+            raise ValueError(
+                f"vocab_size={self.vocab_size} exceeds the transformer's embedding rows ({source['vocab_size']})."
+            )
+        if self.time_conditioning:
+            raise ValueError("time_conditioning=True is not available with transformer_config (no adaLN there).")
 
 
 class MDMPrimeImageConfig(MDMPrimeConfig):

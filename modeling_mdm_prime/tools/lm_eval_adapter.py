@@ -8,7 +8,7 @@ Every number this model returns is built from the valid bound (docs/concepts/hon
 
       L(cont | ctx) = E_{k ~ U{1..N}} E_{|M| = k}[ (N / k) Σ_{i ∈ cont} Σ_{j ∈ M_i} -log p̄_θ(y0^{i,j} | y_M, ctx) ],
 
-  stratified over k with ``mc_samples`` draws. The value is a lower bound on the log-likelihood in expectation,
+  stratified over k with ``num_time_samples`` draws. The value is a lower bound on the log-likelihood in expectation,
   an estimate with a standard error (``last_stderr``), never an exact log-likelihood.
 * ``loglikelihood_rolling``: lm-eval's disjoint rolling windows with the end-of-text prefix; each window's
   conditional bound with its own context clean, summed (a bound on the whole text's log-likelihood).
@@ -23,7 +23,7 @@ lm-eval 0.4.x has no plugin or entry-point discovery for models, so the model is
 imported::
 
     python -m modeling_mdm_prime.tools.lm_eval_adapter --model mdm_prime \\
-        --model_args pretrained=checkpoints/mdm-prime-shakespeare-tiny,mc_samples=32 --tasks lambada_openai
+        --model_args pretrained=checkpoints/mdm-prime-shakespeare-tiny,num_time_samples=32 --tasks lambada_openai
 
     import modeling_mdm_prime.tools.lm_eval_adapter  # registers "mdm_prime"
     lm_eval.simple_evaluate(model="mdm_prime", model_args="pretrained=...", tasks=[...])
@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -117,7 +118,7 @@ def _pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
 def conditional_bounds(
     model: MDMPrimeForMaskedDiffusion,
     windows: Sequence[tuple[Sequence[int], Sequence[int]]],
-    num_samples: int,
+    num_time_samples: int,
     seeds: Sequence[int],
     batch_size: int = 64,
     device: torch.device | str | None = None,
@@ -127,7 +128,7 @@ def conditional_bounds(
     :meth:`~MDMPrimeForMaskedDiffusion.nll_bound` with ``scored_mask`` on the target (the one likelihood
     implementation of the package; the count estimator, stratified over k).
 
-    The ``K = num_samples`` draws of window w come from its own generator, seeded with ``seeds[w]``, so a window's
+    The ``K = num_time_samples`` draws of window w come from its own generator, seeded with ``seeds[w]``, so a window's
     estimate does not depend on the batch it is scored in. Windows are scored ``batch_size // K`` at a time
     (``batch_size`` rows per forward pass), longest first, right-padded (padding is never attended to).
 
@@ -141,9 +142,9 @@ def conditional_bounds(
             "adapter implements the count estimator of fixed schedules only."
         )
     device = torch.device(device) if device is not None else model.device
-    samples = torch.zeros(len(windows), num_samples, dtype=torch.float64)
+    samples = torch.zeros(len(windows), num_time_samples, dtype=torch.float64)
     scored = sorted((w for w, (_, target) in enumerate(windows) if target), key=lambda w: -sum(map(len, windows[w])))
-    per_call = max(1, batch_size // num_samples)
+    per_call = max(1, batch_size // num_time_samples)
     for start in tqdm(range(0, len(scored), per_call), disable=not progress, desc="mdm_prime bounds"):
         chunk = scored[start : start + per_call]
         ids, real = _pad_right([list(windows[w][0]) + list(windows[w][1]) for w in chunk], 0)
@@ -153,7 +154,7 @@ def conditional_bounds(
         out = model.nll_bound(
             ids.to(device),
             real.to(device),
-            num_samples=num_samples,
+            num_time_samples=num_time_samples,
             generator=[torch.Generator().manual_seed(seeds[w]) for w in chunk],
             scored_mask=target.to(device),
         )
@@ -177,11 +178,12 @@ class MDMPrimeLM(TemplateLM):
         peft: a PEFT (LoRA) adapter folder or Hub id, loaded onto ``pretrained`` (default: the base recorded in the
             adapter's config) and merged.
         device, dtype, revision, trust_remote_code: as for ``from_pretrained``.
-        batch_size: windows per forward pass when scoring (each brings its ``mc_samples`` rows, so a pass has
-            ``batch_size · mc_samples`` rows), prompts per ``generate()`` call. lm-eval's CLI passes 1 unless
+        batch_size: windows per forward pass when scoring (each brings its ``num_time_samples`` rows, so a pass has
+            ``batch_size · num_time_samples`` rows), prompts per ``generate()`` call. lm-eval's CLI passes 1 unless
             told ``--batch_size``.
         max_length: the model's window in tokens (default: ``max_position_embeddings``).
-        mc_samples: Monte-Carlo draws per scored window (network rows per window).
+        num_time_samples: Monte-Carlo draws per scored window (network rows per window); ``mc_samples`` is its
+            deprecated name.
         seed: base seed; each window / prompt derives its own from it and its tokens.
         is_greedy: compute ``is_greedy`` by iterative argmax unmasking (on by default: LAMBADA's ``acc`` and
             multiple-choice ``exact_match`` read it). It costs up to |cont| extra network calls per batch of
@@ -208,17 +210,27 @@ class MDMPrimeLM(TemplateLM):
         batch_size: int | str = 8,
         max_batch_size: int | None = None,
         max_length: int | None = None,
-        mc_samples: int = 32,
+        num_time_samples: int = 32,
         seed: int = 1234,
         is_greedy: bool = True,
         rolling_context_len: int = 1,
         add_bos_token: bool = False,
         prefix_token_id: int | None = None,
         max_gen_toks: int = 256,
+        mc_samples: int | None = None,
         **generation_kwargs,
     ) -> None:
         super().__init__()
         from accelerate import PartialState
+
+        if mc_samples is not None:
+            warnings.warn(
+                "the mdm_prime model_arg mc_samples is deprecated; it is now num_time_samples (the name "
+                "nll_bound and every script use for Monte-Carlo draws).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            num_time_samples = mc_samples
 
         unknown = sorted(set(generation_kwargs) - set(GENERATION_FIELDS))
         if unknown:
@@ -226,7 +238,7 @@ class MDMPrimeLM(TemplateLM):
                 f"unknown mdm_prime model_args {unknown}; expected the adapter's arguments or generation-config "
                 f"fields {list(GENERATION_FIELDS)}."
             )
-        for name, value in (("mc_samples", mc_samples), ("rolling_context_len", rolling_context_len)):
+        for name, value in (("num_time_samples", num_time_samples), ("rolling_context_len", rolling_context_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if max_length is not None and (
@@ -266,7 +278,7 @@ class MDMPrimeLM(TemplateLM):
         self.tokenizer = tokenizer
         self.batch_size_per_gpu = batch_size
         self._max_length = max_length
-        self.mc_samples, self.seed, self.compute_greedy = mc_samples, int(seed), bool(is_greedy)
+        self.num_time_samples, self.seed, self.compute_greedy = num_time_samples, int(seed), bool(is_greedy)
         self.rolling_context_len, self.add_bos_token = rolling_context_len, add_bos_token
         self.custom_prefix_token_id, self._max_gen_toks = prefix_token_id, max_gen_toks
         self.generation_defaults = dict(generation_kwargs)
@@ -361,7 +373,7 @@ class MDMPrimeLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         return {
-            "mdm_prime_mc_samples": self.mc_samples,
+            "mdm_prime_num_time_samples": self.num_time_samples,
             "mdm_prime_seed": self.seed,
             "mdm_prime_num_sub_tokens": self.model.codec.num_sub_tokens,
             "mdm_prime_scores": "valid-bound estimates (ELBO), not exact log-likelihoods",
@@ -414,9 +426,9 @@ class MDMPrimeLM(TemplateLM):
         samples, _ = conditional_bounds(
             self.model,
             keys,
-            self.mc_samples,
+            self.num_time_samples,
             seeds,
-            self.batch_size * self.mc_samples,
+            self.batch_size * self.num_time_samples,
             self.device,
             progress=not disable_tqdm and self.rank == 0,
         )

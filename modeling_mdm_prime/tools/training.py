@@ -35,6 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file
 from transformers import HfArgumentParser
 
+from ..configuration_mdm_prime import MDMPrimeConfig
+
 logger = get_logger(__name__)
 STATE_FILE, EMA_FILE = "trainer_state.json", "ema.safetensors"  # the script's own state: JSON and safetensors
 MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.bin"  # accelerate's
@@ -486,3 +488,68 @@ def make_accelerator(cfg, run_name: str) -> Accelerator:
             "examples/accelerate_configs/cpu_ddp.yaml) instead."
         )
     return accelerator
+
+
+# -- text models (pretrain.py and the benchmarks that train like it) ---------------------------------------------
+
+
+def text_model_config(tokenizer, seq_len: int, **fields) -> MDMPrimeConfig:
+    """An :class:`MDMPrimeConfig` over the tokenizer's vocabulary and special tokens, ``seq_len`` positions and the
+    given config ``fields`` (size, ℓ, schedule, loss, ...)."""
+    return MDMPrimeConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=seq_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **fields,
+    )
+
+
+SCHEDULE_PARAMETERS = ("schedule_power_logits",)  # GenMD4's ŵ
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, decay_schedule_parameters: bool = False) -> list:
+    """AdamW parameter groups: the network with ``weight_decay``; the schedule parameters (GenMD4's ŵ) without it
+    unless ``decay_schedule_parameters``. Decay pulls ŵ towards 0, i.e. every power towards softplus(0) = 0.693,
+    whatever the data says (the md4 reference applies it to ŵ)."""
+    network, schedule = [], []
+    for name, parameter in model.named_parameters():
+        (schedule if name.split(".")[-1] in SCHEDULE_PARAMETERS else network).append(parameter)
+    groups = [{"params": network, "weight_decay": weight_decay}]
+    if schedule:
+        groups.append({"params": schedule, "weight_decay": weight_decay if decay_schedule_parameters else 0.0})
+    return groups
+
+
+def token_frequencies(blocks, vocab_size: int, max_rows: int = 20_000) -> torch.Tensor:
+    """``(C,)`` token counts over (at most ``max_rows``) training blocks, padding excluded."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for index, row in enumerate(blocks):
+        if index >= max_rows:
+            break
+        ids = torch.as_tensor(row["input_ids"])
+        counts += torch.bincount(ids[torch.as_tensor(row["attention_mask"]).bool()], minlength=vocab_size)
+    return counts
+
+
+def plot_powers(powers: torch.Tensor, counts: torch.Tensor, path: Path, title: str = "GenMD4 learned powers") -> None:
+    """PNG: each token's learned power w_i against its training frequency (log scale; unseen tokens at the left)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frequency = counts.double() / counts.sum().clamp(min=1)
+    floor = float(frequency[frequency > 0].min()) / 10 if bool((frequency > 0).any()) else 1e-9
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(frequency.clamp(min=floor).numpy(), powers.detach().double().numpy(), s=4, alpha=0.5)
+    ax.set_xscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="w = 1 (initial, MD4 linear)")
+    ax.set_xlabel(f"token frequency in the training data (unseen tokens at {floor:.1e})")
+    ax.set_ylabel(r"power $w_i$  ($\alpha_{t,i} = 1 - t^{w_i}$)")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -78,7 +78,7 @@ class NelboPerplexity(evaluate.Metric):
                 for i, r in enumerate(batch):
                     ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
                 out = model.nll_bound(
-                    ids.to(device), mask.to(device), num_samples=num_time_samples, num_steps=num_steps,
+                    ids.to(device), mask.to(device), num_time_samples=num_time_samples, num_steps=num_steps,
                     generator=generator,
                 )  # fmt: skip
                 nll += out.nll.tolist()
