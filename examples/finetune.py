@@ -40,6 +40,9 @@ from modeling_mdm_prime.tools.data import JSON_SUFFIXES, read_documents
 from modeling_mdm_prime.tools.training import end_run
 
 LORA_TARGETS = ["attn_qkv", "attn_out", "fc_in", "fc_out"]  # every Linear in the transformer blocks
+# A model adapted from a causal LM (examples/adapt_causal_lm.py) keeps its source's module names (q_proj, c_attn,
+# ...): there LoRA goes on every linear layer of the backbone (peft's "all-linear" leaves the output layer out).
+ADAPTED_LORA_TARGETS = "all-linear"
 VALIDATION_FRACTION, VALIDATION_CAP = 0.1, 256
 
 
@@ -234,7 +237,10 @@ def main(argv: list[str] | None = None) -> None:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=LORA_TARGETS
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=ADAPTED_LORA_TARGETS if getattr(model.config, "transformer_config", None) else LORA_TARGETS,
         )
         model = get_peft_model(model, lora)
         model.print_trainable_parameters()

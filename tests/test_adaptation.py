@@ -348,3 +348,95 @@ def test_adapted_checkpoints_load_as_remote_code_on_both_lines(python, version, 
                     got[f"{family}/{implementation}/{kind}"], expected[f"{family}/{kind}"], rtol=1e-4, atol=1e-4
                 )
     assert report["out"][2] == "<user>hi"  # the source's chat template travelled with the tokenizer
+
+
+def load_benchmark(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_the_committed_adaptation_tables_are_the_guide_s():
+    """docs/guides/adaptation.md shows exactly what the committed JSON renders to (numbers are never retyped)."""
+    page = (REPO / "docs" / "guides" / "adaptation.md").read_text(encoding="utf-8")
+    for module, name in (("adaptation", "adaptation"), ("adapted_generation", "adapted_generation")):
+        committed = json.loads((REPO / "benchmarks" / "results" / f"{name}.json").read_text())
+        table = load_benchmark(module).render_markdown(committed)
+        assert table in page, f"docs/guides/adaptation.md does not show benchmarks/results/{name}.json"
+        assert (REPO / "benchmarks" / "results" / f"{name}.md").read_text(encoding="utf-8").strip() == table
+
+
+@pytest.mark.slow
+def test_adaptation_benchmarks_run_tiny(tmp_path):
+    """benchmarks/adaptation.py and adapted_generation.py end to end on a tiny random Llama."""
+    adaptation = load_benchmark("adaptation")
+    results = adaptation.main(["--tiny", "--variants", "l1_flip,l2_flip,l1_scratch", "--max_steps", "2",
+                               "--eval_every", "2", "--eval_blocks", "2", "--work_dir", str(tmp_path / "work"),
+                               "--output_dir", str(tmp_path)])  # fmt: skip
+    assert set(results["runs"]) == {"l1_flip", "l2_flip", "l1_scratch"}
+    for run in results["runs"].values():
+        assert [e["step"] for e in run["evals"]] == [0, 2]
+        assert run["exactness_max_abs_log_prob_diff"] <= 1e-5
+    assert (tmp_path / "adaptation_tiny.md").read_text().strip() == adaptation.render_markdown(results)
+    assert (tmp_path / "adaptation_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    generation = load_benchmark("adapted_generation")
+    out = generation.main(["--tiny", "--output_dir", str(tmp_path)])
+    labels = [row["label"] for row in out["rows"]]
+    assert labels[0].startswith("real") and "ancestral" in labels and any(x.startswith("threshold") for x in labels)
+    assert all(row["nfe"] >= 1 for row in out["rows"][1:]) and len(out["samples"]) == 2
+    assert (tmp_path / "adapted_generation_tiny.md").read_text().strip() == generation.render_markdown(out)
+
+
+def test_the_card_and_the_published_record_of_an_adapted_model(adapted_by_the_script, tmp_path):
+    """The card says what the model was adapted from and shows the measured comparison; a push takes
+    adaptation.json with the machine's paths reduced to file names; a hostile record renders inert."""
+    from modeling_mdm_prime.tools import render_model_card, stage_checkpoint
+
+    root, report = adapted_by_the_script
+    card = str(render_model_card(root / "out", "user/tiny-adapted"))
+    assert "## Adaptation" in card and "llama transformer (transformers' own model) run bidirectionally" in card
+    first = report["evals"][0]["held_out"]
+    assert f"| {first['source_ppl']:.2f} | ≤ {first['ppl_bound']:.2f} |" in card
+    stage_checkpoint(root / "out", tmp_path / "staged", "user/tiny-adapted")
+    published = (tmp_path / "staged" / "adaptation.json").read_text()
+    assert str(root) not in published and json.loads(published)["evals"] == report["evals"]
+    hostile = tmp_path / "hostile"
+    stage_checkpoint(root / "out", hostile, "user/x")
+    record = json.loads((hostile / "adaptation.json").read_text())
+    record["source"] = "<img src=x onerror=alert(1)>{{ cycler.__init__.__globals__ }}"
+    (hostile / "adaptation.json").write_text(json.dumps(record))
+    text = str(render_model_card(hostile, "user/x"))
+    assert "<img" not in text and "&lt;img" in text and "\\{\\{ cycler" in text
+
+
+@pytest.mark.slow
+def test_an_adapted_model_fine_tunes_with_lora_and_scores_in_lm_eval(adapted_by_the_script, tmp_path):
+    """The package's other capabilities on an adapted checkpoint: LoRA fine-tuning with examples/finetune.py (on the
+    source's own module names) and the lm-eval adapter's conditional bound."""
+    from transformers import AutoModel
+
+    from modeling_mdm_prime.tools.lm_eval_adapter import MDMPrimeLM
+
+    root, _ = adapted_by_the_script
+    text = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(60))
+    (tmp_path / "docs.txt").write_text(text)
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import finetune
+    finally:
+        sys.path.pop(0)
+    finetune.main([
+        "--model_name_or_path", str(root / "out"), "--train_file", str(tmp_path / "docs.txt"),
+        "--output_dir", str(tmp_path / "ft"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--block_size", "32", "--lora", "--merge_lora", "--use_cpu", "--save_strategy", "no", "--report_to", "none",
+        "--eval_time_samples", "1", "--learning_rate", "1e-2",
+    ])  # fmt: skip
+    before = AutoModel.from_pretrained(root / "out", trust_remote_code=True)
+    after = AutoModel.from_pretrained(tmp_path / "ft", trust_remote_code=True)
+    name = "model.transformer.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before.state_dict()[name], after.state_dict()[name])  # LoRA reached the Llama blocks
+    lm = MDMPrimeLM(str(root / "out"), num_time_samples=2, is_greedy=False)
+    ((loglikelihood, _),) = lm._loglikelihood_tokens([(None, [464, 2068], [7586, 21831])])
+    assert loglikelihood < 0

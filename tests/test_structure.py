@@ -57,6 +57,23 @@ def test_shipped_files_import_only_siblings_and_libraries(name):
             assert module.split(".")[0] in LIBRARIES, f"{where}: import {module}"
 
 
+@pytest.mark.parametrize("modeling", ["modeling_mdm_prime.py", "modeling_image_mdm_prime.py"])
+def test_each_modeling_file_imports_every_file_it_needs_directly(modeling):
+    """transformers 4.57 copies only the direct relative imports of the file ``auto_map`` names into its module
+    cache, so a file reached only through another shipped file is missing there (environment.md's trap)."""
+
+    def direct(name: str) -> set[str]:
+        return {f"{module}.py" for level, module, _ in _imports(PACKAGE / name) if level}
+
+    needed, pending = set(), list(direct(modeling))
+    while pending:
+        name = pending.pop()
+        if name not in needed:
+            needed.add(name)
+            pending.extend(direct(name))
+    assert needed - {modeling} <= direct(modeling), f"{modeling} must import {sorted(needed - direct(modeling))}"
+
+
 def test_nothing_else_lives_at_the_top_level():
     """Besides the shipped files: the package's __init__ and the deprecated aliases of the moved tools."""
     others = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in SHIPPED)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput, logging
 
+from .adapted_mdm_prime import MDMPrimeAdaptedModel  # noqa: F401
 from .codec_mdm_prime import SubTokenCodec
 from .configuration_mdm_prime import MDMPrimeImageConfig
 

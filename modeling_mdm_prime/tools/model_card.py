@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # huggingface_hub is imported where it is used: importing the
     from huggingface_hub import ModelCard
 
 from .checkpoint_files import (
+    ADAPTATION_FILE,
     CONVERSION_FILE,
     EVAL_FILE,
     FRECHET_METRICS,
@@ -64,6 +65,7 @@ CARD_INPUTS = (
     EVAL_FILE,
     SAMPLES_FILE,
     CONVERSION_FILE,
+    ADAPTATION_FILE,
     IMAGE_METRICS_FILE,
     IMAGE_EVAL_FILE,
     IMAGE_EVAL_DEFAULT,
@@ -156,6 +158,9 @@ def render_model_card(
         license_id=license,
         conversion=conversion_lines(_read_json(folder / CONVERSION_FILE))
         if (folder / CONVERSION_FILE).is_file()
+        else [],
+        adaptation=adaptation_lines(_read_json(folder / ADAPTATION_FILE))
+        if (folder / ADAPTATION_FILE).is_file()
         else [],
     )
     if image:
@@ -251,6 +256,53 @@ def conversion_lines(record: Any) -> list[str]:
         "",
     ]
     return lines
+
+
+def adaptation_lines(record: Any) -> list[str]:
+    """The card's Adaptation section from ``adaptation.json`` (``examples/adapt_causal_lm.py``): the source, the
+    exactness check of the weight mapping, and the held-out comparison with the source over training. Every value
+    from the record is escaped (:func:`markdown_text`)."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("evals"), list):
+        raise ValueError(f"{ADAPTATION_FILE} is not an adaptation record: expected an object with an 'evals' list.")
+    settings = record.get("config") if isinstance(record.get("config"), Mapping) else {}
+    text = lambda value: markdown_text(_public(value))  # noqa: E731
+    lines = [
+        "## Adaptation",
+        "",
+        f"Adapted from the causal LM **{text(record.get('source', 'an unnamed source'))}** with "
+        "`examples/adapt_causal_lm.py` of `modeling_mdm_prime`: every weight of the source is kept (its transformers "
+        "model is the backbone, run bidirectionally; its output layer reads the previous position, the shift), and "
+        "a fully revealed token is embedded exactly as the source embeds it.",
+        "",
+        f"- Before training, with causal attention and the shift, this model reproduced the source's next-token "
+        f"log-probabilities to {text(record.get('exactness_max_abs_log_prob_diff'))} (largest absolute difference).",
+        f"- Training: {text(settings.get('max_steps'))} steps of {text(settings.get('batch_size'))} × "
+        f"{text(settings.get('seq_len'))} tokens, learning rate {text(settings.get('learning_rate'))}, attention "
+        f"annealing over {text(settings.get('annealing_steps'))} steps (0: bidirectional at once), distillation weight "
+        f"{text(settings.get('distill_weight'))}, on {text(settings.get('dataset'))}.",
+        "",
+        "Held-out perplexity, the source's exact AR value against this model's valid upper bound (over the tokens "
+        "after each block's first):",
+        "",
+        "| step | training minutes | set | source (AR) | this model (bound) |",
+        "|---:|---:|---|---:|---:|",
+    ]
+    for row in record["evals"]:
+        if not isinstance(row, Mapping):
+            continue
+        minutes = row.get("train_seconds", 0) / 60 if isinstance(row.get("train_seconds"), (int, float)) else "—"
+        for name, result in row.items():
+            if isinstance(result, Mapping) and "ppl_bound" in result:
+                source = result.get("source_ppl")
+                cells = [
+                    text(row.get("step")),
+                    f"{minutes:.1f}" if isinstance(minutes, float) else minutes,
+                    text(name),
+                    f"{source:.2f}" if isinstance(source, (int, float)) else "—",
+                    f"≤ {result['ppl_bound']:.2f}" if isinstance(result["ppl_bound"], (int, float)) else "—",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def markdown_text(value: Any) -> str:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # huggingface_hub is imported where it is used: importing the
     from huggingface_hub import CommitInfo, HfApi
 
 from .checkpoint_files import (
+    ADAPTATION_FILE,
     CONVERSION_FILE,
     EVAL_FILE,
     IMAGE_EVAL_DEFAULT,
@@ -112,10 +113,11 @@ def checkpoint_contents(
     training = load_training_config(folder)
     if training is not None:
         contents[TRAINING_CONFIG_FILE] = (json.dumps(training, indent=2) + "\n").encode()
-    if CONVERSION_FILE in contents:
-        record = _read_json(folder / CONVERSION_FILE)
-        if _public(record) != record:
-            contents[CONVERSION_FILE] = (json.dumps(_public(record), indent=2) + "\n").encode()
+    for name in (CONVERSION_FILE, ADAPTATION_FILE):  # records of what made the model, local paths reduced
+        if name in contents:
+            record = _read_json(folder / name)
+            if _public(record) != record:
+                contents[name] = (json.dumps(_public(record), indent=2) + "\n").encode()
     card = render_model_card(folder, model_id, **card_options)
     contents["README.md"] = str(card).encode()
     return dict(sorted(contents.items()))
