@@ -28,6 +28,7 @@ import argparse
 import json
 import sys
 
+from modeling_mdm_prime.tools.cli import add_card_dataset_argument
 from modeling_mdm_prime.tools.convert import CONVERSION_FILE, convert_checkpoint
 
 
@@ -58,14 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     card = parser.add_argument_group("model card")
     card.add_argument("--license", default=None, help="licence of the source (default: the known one of the source)")
-    card.add_argument(
-        "--card_dataset",
-        "--dataset",
-        dest="card_datasets",
-        action="append",
-        default=[],
-        help="Hub dataset id the source was trained on, for the card (repeatable)",
-    )
+    add_card_dataset_argument(card)
     card.add_argument("--training_data", default=None, help="description of the source's training data")
     card.add_argument("--model_id", default=None, help="id the card's usage snippet loads (default: output_dir)")
     return parser.parse_args(argv)

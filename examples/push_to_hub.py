@@ -28,6 +28,7 @@ import logging
 import sys
 
 from modeling_mdm_prime.tools import HubPublishError, publish_checkpoint, stage_checkpoint
+from modeling_mdm_prime.tools.cli import add_card_dataset_argument
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,14 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hub.add_argument("--new_repo", action="store_true", help="fail if the repository already exists")
     hub.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or hf auth login)")
     card = parser.add_argument_group("model card")
-    card.add_argument(
-        "--card_dataset",
-        "--dataset",
-        dest="card_datasets",
-        action="append",
-        default=[],
-        help="Hub dataset id the model was trained on, for the card (repeatable)",
-    )
+    add_card_dataset_argument(card)
     card.add_argument("--language", action="append", default=[], help="ISO 639-1 code, e.g. en (repeatable)")
     card.add_argument("--license", default=None, help="Hub license id, e.g. apache-2.0")
     card.add_argument("--example_prompt", default="The", help="prompt of the card's generation example (text models)")

@@ -59,6 +59,20 @@ class SubTokenCodec:
                 f"got values in [{int(sub_ids.min())}, {int(sub_ids.max())}]."
             )
 
+    def check_sequence(self, sub_ids: torch.Tensor, max_length: int, check_values: bool = True) -> tuple[int, int]:
+        """``(B, L)`` of a backbone's input ``sub_ids`` ``(B, L, ℓ)``; a ValueError for another shape or L over
+        ``max_length``, and (``check_values``) for entries outside ``[0, b]``."""
+        if check_values:
+            self.check_sub_ids(sub_ids)
+        if sub_ids.dim() != 3:
+            raise ValueError(
+                f"sub_ids must have shape (batch, length, {self.num_sub_tokens}), got {tuple(sub_ids.shape)}."
+            )
+        batch, length, _ = sub_ids.shape
+        if length > max_length:
+            raise ValueError(f"sequence length {length} exceeds max_position_embeddings={max_length}.")
+        return batch, length
+
     def encode(self, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Token ids ``(...)`` -> digits ``(..., ℓ)``, most significant first. ``check=False`` skips the range
         check (a host synchronisation) for ids already validated at an entry point."""

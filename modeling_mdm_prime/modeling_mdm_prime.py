@@ -363,17 +363,7 @@ class MDMPrimeModel(MDMPrimePreTrainedModel):
             ``BaseModelOutput`` with ``last_hidden_state`` ``(B, L, D)``.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if check_inputs:
-            self.codec.check_sub_ids(sub_ids)
-        if sub_ids.dim() != 3:
-            raise ValueError(
-                f"sub_ids must have shape (batch, length, {self.codec.num_sub_tokens}), got {tuple(sub_ids.shape)}."
-            )
-        batch, length, _ = sub_ids.shape
-        if length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {length} exceeds max_position_embeddings={self.config.max_position_embeddings}."
-            )
+        batch, length = self.codec.check_sequence(sub_ids, self.config.max_position_embeddings, check_inputs)
         cond = None
         if self.time_embed is not None:
             if noise_level is None:

@@ -178,17 +178,7 @@ class MDMPrimeAdaptedModel(nn.Module):
         Returns:
             ``BaseModelOutput`` with ``last_hidden_state`` ``(B, L, D)`` (after the source's final norm).
         """
-        if check_inputs:
-            self.codec.check_sub_ids(sub_ids)
-        if sub_ids.dim() != 3:
-            raise ValueError(
-                f"sub_ids must have shape (batch, length, {self.codec.num_sub_tokens}), got {tuple(sub_ids.shape)}."
-            )
-        batch, length, _ = sub_ids.shape
-        if length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {length} exceeds max_position_embeddings={self.config.max_position_embeddings}."
-            )
+        batch, length = self.codec.check_sequence(sub_ids, self.config.max_position_embeddings, check_inputs)
         weight = self.get_input_embeddings().weight
         embeds = partial_token_embeddings(sub_ids, weight, self.mask_offsets.to(weight.dtype), self.codec)
         bias = attention_bias(attention_mask, attention_pattern, (batch, length), embeds.dtype, embeds.device)

@@ -47,6 +47,14 @@ def option_strings(name: str) -> list[str]:
     return [f"--{name}"] + ([f"--{hyphenated}"] if hyphenated != name else [])
 
 
+def add_card_dataset_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--card_dataset`` (alias ``--dataset``), repeatable: Hub dataset ids for the model card's metadata."""
+    parser.add_argument(
+        "--card_dataset", "--dataset", dest="card_datasets", action="append", default=[],
+        help="Hub dataset id the model was trained on, for the card's metadata (repeatable)",
+    )  # fmt: skip
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, output_dir: Path, seed_help: str) -> None:
     """``--tiny``, ``--output_dir`` and ``--seed``, which every sized benchmark takes."""
     parser.add_argument("--tiny", action="store_true", help="smoke-test configuration")
