@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--source", default="smollm2", help="SOURCE of examples/adapt_causal_lm.py")
     p.add_argument(*option_strings("max_steps"), type=int, default=100, help="optimizer steps per variant")
     p.add_argument(*option_strings("eval_every"), type=int, default=25, help="comparison every N steps")
-    p.add_argument(*option_strings("eval_blocks"), type=int, default=8, help="blocks of 128 tokens per eval set")
+    p.add_argument(*option_strings("eval_blocks"), type=int, default=8, help="held-out blocks per evaluation set")
     p.add_argument(*option_strings("batch_size"), type=int, default=8, help="blocks per step")
     p.add_argument(*option_strings("mixed_precision"), default="no", help="'no' or 'bf16' (GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, masks and evaluation draws")
@@ -93,8 +93,9 @@ def run_variant(name: str, a: argparse.Namespace, source: str) -> dict:
 def render_markdown(results: dict) -> str:
     """The table docs/guides/adaptation.md shows (a test checks the page against the committed JSON)."""
     c = results["config"]
+    seq_len = next(iter(results["runs"].values()))["config"]["seq_len"]
     lines = [
-        f"{c['source']}, {c['max_steps']} steps × {c['batch_size']} blocks of 128 tokens of the bundled plays, "
+        f"{c['source']}, {c['max_steps']} steps × {c['batch_size']} blocks of {seq_len} tokens of the bundled plays, "
         f"{results['environment']['device']}. Perplexities over {c['eval_blocks']} blocks per set, the tokens after "
         "each block's first: the source's exact AR perplexity against the adapted models' valid upper bound ± 2 s.e.",
         "",

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,8 +83,7 @@ def main(argv=None) -> dict:
 
         from modeling_mdm_prime.tools.adaptation import adapt_causal_lm
 
-        folder = REPO / "outputs" / "benchmark_adaptation" / "tiny_generation"
-        source_dir = tiny_source(folder / "source")
+        source_dir = tiny_source(Path(tempfile.mkdtemp(prefix="adapted-generation-")) / "source")
         source, tokenizer = load_source(source_dir)
         model = adapt_causal_lm(source, max_position_embeddings=64)
         a.num_samples, a.num_steps, a.thresholds, a.prompt_tokens, a.new_tokens = 2, "4", "0.5", 4, 8

@@ -146,10 +146,16 @@ def main(argv: list[str] | None = None) -> dict:
         teacher = teacher.to(accelerator.device)
     accelerator.init_trackers("adapt_causal_lm", config=asdict(cfg))
 
+    source_scores: dict[str, dict] = {}  # the frozen source's NLL on a fixed set does not change: computed once
+
     def evaluate(step: int, seconds: float) -> None:
         row = {"step": step, "train_seconds": seconds}
         for name, blocks in eval_blocks.items():
-            result = held_out_comparison(accelerator.unwrap_model(model).eval(), blocks, source, cfg.eval_time_samples)
+            teacher = None if name in source_scores else source
+            result = held_out_comparison(accelerator.unwrap_model(model).eval(), blocks, teacher, cfg.eval_time_samples)
+            if teacher is not None:
+                source_scores[name] = {k: result[k] for k in ("source_nll_per_token", "source_ppl")}
+            result |= source_scores[name]
             row[name] = result
             accelerator.log({f"eval/{name}/{k}": v for k, v in result.items()}, step=step)
             logger.info(

@@ -307,11 +307,14 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         noise_level: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         check_inputs: bool = True,
+        attention_pattern: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The network's unfiltered scores over the levels, differentiable: ``(B, H·W·C, num_levels)``, or ``(N,
         num_levels)`` at ``positions`` ``(B, H·W·C)`` bool in row-major order. Images have no padding: an
         ``attention_mask`` must be all ones. With classifier-free guidance (:meth:`conditioning`), the scores are
-        the guided log-probabilities."""
+        the guided log-probabilities. ``attention_pattern`` is the text model's (adapted models only): refused."""
+        if attention_pattern is not None:
+            raise ValueError("attention_pattern is only supported by models adapted from a causal LM.")
         if check_inputs:
             self.codec.check_sub_ids(sub_ids)
             if attention_mask is not None and not bool(attention_mask.bool().all()):

@@ -23,7 +23,7 @@ from transformers import (
 
 from conftest import GPT2_TOKENIZER
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion
-from modeling_mdm_prime.adapted_mdm_prime import consistent_mean_tables, partial_token_embeddings
+from modeling_mdm_prime.adapted_mdm_prime import consistent_mean_table, partial_token_embeddings
 from modeling_mdm_prime.tools.adaptation import (
     adapt_causal_lm,
     annealed_pattern,
@@ -121,9 +121,8 @@ def test_sub_token_inputs_follow_the_embedding_rule():
                     keep &= digits[:, j] == digits[x, j]
             expected = weight[keep].mean(0) + offsets[pattern]
             torch.testing.assert_close(got[x], expected, rtol=1e-5, atol=1e-6)
-    tables = consistent_mean_tables(weight, codec)
-    assert set(tables) == {0, 1, 2} and tables[0].shape == (1, weight.shape[1])
-    assert tables[1].shape == (codec.base, weight.shape[1])  # first digit revealed: one row per value
+    assert consistent_mean_table(weight, codec, 0).shape == (1, weight.shape[1])
+    assert consistent_mean_table(weight, codec, 1).shape == (codec.base, weight.shape[1])  # one row per digit value
 
 
 def test_attention_mask_annealing():
@@ -172,16 +171,29 @@ def test_portable_config_keeps_rope_on_both_lines():
     assert "architectures" not in settings and settings["model_type"] == "qwen2"
 
 
-def test_distillation_and_held_out_comparison():
+@pytest.mark.parametrize("ell", [1, 2])
+def test_distillation_is_zero_for_a_student_that_is_its_teacher(ell):
+    """With causal attention and the shift, a freshly adapted model predicts the last position from the clean prefix
+    exactly as the source does, so the KL to the (filtered) teacher is 0 there; bidirectional, it is not."""
     source = tiny_source("llama")
-    model = adapt_causal_lm(source, num_sub_tokens=2).train()
-    ids = torch.randint(0, VOCAB, (2, 16))
-    loss = distillation_loss(model, source, ids, generator=torch.Generator().manual_seed(0))
-    assert loss.item() >= 0 and loss.requires_grad
+    model = adapt_causal_lm(source, num_sub_tokens=ell).train()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    masked = torch.zeros(2, 16, ell, dtype=torch.bool)
+    masked[:, -1, -1] = True  # the last token's least significant digit (for ℓ = 2 the other one stays revealed)
+    causal = distillation_loss(model, source, ids, attention_pattern=causal_pattern(16), masked=masked)
+    assert abs(causal.item()) < 1e-5
+    # Bidirectional (the default), position L - 2's state also sees position L - 1: the prediction differs.
+    assert distillation_loss(model, source, ids, masked=masked).item() > 1e-6
+    loss = distillation_loss(model, source, ids, generator=torch.Generator().manual_seed(0))  # drawn masks
+    assert loss.item() > 0 and loss.requires_grad
     loss.backward()
     assert model.get_input_embeddings().weight.grad is not None
-    # A student that *is* its teacher (causal attention at every step) has zero KL on fully masked rows... and the
-    # comparison reports the source's exact NLL next to the adapted model's bound (which can only be larger).
+
+
+def test_held_out_comparison_reports_the_exact_source_nll():
+    """The source's NLL next to the adapted model's bound, over the same tokens (all but each block's first)."""
+    source = tiny_source("llama")
+    model = adapt_causal_lm(source, num_sub_tokens=2)
     blocks = torch.randint(0, VOCAB, (4, 16))
     result = held_out_comparison(model.eval(), blocks, source, num_time_samples=2)
     assert result["tokens"] == 4 * 15 and result["nelbo_stderr"] > 0
@@ -412,8 +424,12 @@ def test_the_card_and_the_published_record_of_an_adapted_model(adapted_by_the_sc
     record = json.loads((hostile / "adaptation.json").read_text())
     record["source"] = "<img src=x onerror=alert(1)>{{ cycler.__init__.__globals__ }}"
     (hostile / "adaptation.json").write_text(json.dumps(record))
+    config = json.loads((hostile / "config.json").read_text())
+    config["transformer_config"]["model_type"] = "<script>x</script>"
+    (hostile / "config.json").write_text(json.dumps(config))
     text = str(render_model_card(hostile, "user/x"))
     assert "<img" not in text and "&lt;img" in text and "\\{\\{ cycler" in text
+    assert "<script>" not in text and "the source's &lt;script&gt;x&lt;/script&gt; transformer" in text
 
 
 @pytest.mark.slow

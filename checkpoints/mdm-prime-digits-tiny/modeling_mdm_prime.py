@@ -645,14 +645,12 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         noise = self._corrupt(clean, scored, strata, self.noise_schedule, generator, timesteps=timesteps)
         masked, seq_weight = noise.masked, noise.weight.float()
         rows = masked.any(-1)
-        # Only adapted models take a pattern (the image model's token_logits has no such argument).
-        pattern = {} if attention_pattern is None else {"attention_pattern": attention_pattern}
         logits = self.token_logits(
             clean.masked_fill(masked, self.codec.mask_id),
             attention_mask,
             self._noise_level(noise.alpha),
             rows,
-            **pattern,
+            attention_pattern=attention_pattern,
         )
         valid, prime = diffusion_terms(logits, ids[rows], masked[rows], self.codec, self.config.carry_over)
         weight = seq_weight.unsqueeze(1).expand_as(rows)[rows]

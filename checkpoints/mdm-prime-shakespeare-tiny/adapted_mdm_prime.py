@@ -28,31 +28,27 @@ from .codec_mdm_prime import SubTokenCodec
 from .configuration_mdm_prime import MDMPrimeConfig
 
 
-def consistent_mean_tables(weight: torch.Tensor, codec: SubTokenCodec) -> dict[int, torch.Tensor]:
-    """Mean embedding of the tokens consistent with each partial digit assignment.
+def consistent_mean_table(weight: torch.Tensor, codec: SubTokenCodec, pattern: int) -> torch.Tensor:
+    """Mean embedding of the tokens consistent with each assignment of the revealed digits of ``pattern``.
 
     Args:
         weight: ``(C, D)`` token embedding E.
         codec: the sub-token codec (ℓ digits of base b, most significant first).
+        pattern: bit j set when digit j is revealed; not every bit ("all revealed" needs no table).
     Returns:
-        ``{pattern: table}`` for every pattern of revealed digits except "all revealed"; ``pattern`` has bit j set
-        when digit j is revealed, and ``table`` is ``(b^|A|, D)``, row ``Σ_{j ∈ A} y^j b^(rank of j in A)``
-        (revealed digits in order, most significant first) holding ``mean_{x: x^j = y^j ∀ j ∈ A} E[x]``. Rows with
-        no consistent token (digit values only invalid codes have) are 0.
+        ``(b^|A|, D)``: row ``Σ_{j ∈ A} y^j b^(rank of j in A)`` (revealed digits in order, most significant first)
+        holds ``mean_{x: x^j = y^j ∀ j ∈ A} E[x]``. Rows with no consistent token (digit values only invalid codes
+        have) are 0.
     """
     ell, base = codec.num_sub_tokens, codec.base
     vocab, dim = weight.shape
     padded = torch.cat([weight, weight.new_zeros(codec.num_codes - vocab, dim)]).view(*([base] * ell), dim)
     valid = torch.zeros(codec.num_codes, dtype=weight.dtype, device=weight.device)
     valid[:vocab] = 1
-    valid = valid.view(*([base] * ell))
-    tables = {}
-    for pattern in range((1 << ell) - 1):
-        hidden_axes = [j for j in range(ell) if not pattern >> j & 1]
-        total = padded.sum(dim=hidden_axes) if hidden_axes else padded
-        count = valid.sum(dim=hidden_axes) if hidden_axes else valid
-        tables[pattern] = (total / count.clamp(min=1).unsqueeze(-1)).reshape(-1, dim)
-    return tables
+    hidden_axes = [j for j in range(ell) if not pattern >> j & 1]
+    total = padded.sum(dim=hidden_axes)
+    count = valid.view(*([base] * ell)).sum(dim=hidden_axes)
+    return (total / count.clamp(min=1).unsqueeze(-1)).reshape(-1, dim)
 
 
 def partial_token_embeddings(
@@ -74,17 +70,14 @@ def partial_token_embeddings(
     out = weight.new_zeros(*sub_ids.shape[:2], weight.shape[1])
     if bool(full.any()):
         out[full] = weight[codec.decode(sub_ids[full])]
-    if bool((~full).any()):
-        tables = consistent_mean_tables(weight, codec)
-        for code, table in tables.items():
-            rows = pattern == code
-            if not bool(rows.any()):
-                continue
-            index = torch.zeros(int(rows.sum()), dtype=torch.long, device=sub_ids.device)
-            for j in range(ell):  # revealed digits in order: a base-b number, most significant first
-                if code >> j & 1:
-                    index = index * codec.base + sub_ids[rows][:, j]
-            out[rows] = table[index] + offsets[code]
+    for code in pattern[~full].unique().tolist():  # only the patterns this batch holds
+        rows = pattern == code
+        digits = sub_ids[rows]
+        index = torch.zeros(len(digits), dtype=torch.long, device=sub_ids.device)
+        for j in range(ell):  # revealed digits in order: a base-b number, most significant first
+            if code >> j & 1:
+                index = index * codec.base + digits[:, j]
+        out[rows] = consistent_mean_table(weight, codec, code)[index] + offsets[code]
     return out
 
 

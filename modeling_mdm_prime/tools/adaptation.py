@@ -189,7 +189,6 @@ def adapt_causal_lm(
             raise ValueError("the source has no output layer of shape (vocab_size, hidden_size) to reuse.")
         with torch.no_grad():
             model.lm_head.weight.copy_(head.weight)
-    model.model.make_bidirectional()
     return model.eval()
 
 
@@ -205,9 +204,9 @@ def annealed_pattern(
     ``(B, L, L)`` bool; ``ratio = 1`` is fully bidirectional."""
     if not 0.0 <= ratio <= 1.0 or math.isnan(ratio):
         raise ValueError(f"annealing ratio must be in [0, 1], got {ratio}.")
-    pattern = causal_pattern(length, device).expand(batch, length, length)
     if ratio >= 1.0:
         return torch.ones(batch, length, length, dtype=torch.bool, device=device)
+    pattern = causal_pattern(length, device).expand(batch, length, length)
     draws = torch.rand(batch, length, length, generator=generator, device=generator.device if generator else device)
     return pattern | (draws.to(device) < ratio)
 
@@ -236,19 +235,23 @@ def distillation_loss(
     input_ids: torch.Tensor,
     attention_pattern: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    masked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft targets from the frozen AR source, averaged over the positions this call masks.
 
-    Each sequence draws t ~ U(0, 1) and masks every sub-token with probability t (positions 1..L-1; position 0
-    has no teacher prediction). At a position i with a masked sub-token the teacher's next-token distribution
-    after x_{<i}, restricted to the tokens consistent with the revealed digits and renormalised, is the target q;
-    the loss is ``KL(q || p_θ(· | y_t))`` with the student's filtered distribution. A training aid, not a bound.
+    Each sequence draws t ~ U(0, 1) and masks every sub-token with probability t, unless ``masked`` ``(B, L, ℓ)``
+    bool gives the masked sub-tokens; position 0 is never masked (it has no teacher prediction). At a position i
+    with a masked sub-token the teacher's next-token distribution after x_{<i}, restricted to the tokens consistent
+    with the revealed digits and renormalised, is the target q; the loss is ``KL(q || p_θ(· | y_t))`` with the
+    student's filtered distribution. A training aid, not a bound.
     """
     batch, length = input_ids.shape
     clean = model.codec.encode(input_ids, check=False)  # (B, L, ℓ)
-    t = torch.rand(batch, 1, 1, generator=generator, device=generator.device if generator else None).to(clean.device)
-    draws = torch.rand(clean.shape, generator=generator, device=generator.device if generator else None)
-    masked = draws.to(clean.device) < t
+    if masked is None:
+        device = generator.device if generator else None
+        t = torch.rand(batch, 1, 1, generator=generator, device=device).to(clean.device)
+        masked = torch.rand(clean.shape, generator=generator, device=device).to(clean.device) < t
+    masked = masked.clone()
     masked[:, 0] = False
     rows = masked.any(-1)
     if not bool(rows.any()):

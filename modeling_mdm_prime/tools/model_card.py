@@ -162,6 +162,10 @@ def render_model_card(
         adaptation=adaptation_lines(_read_json(folder / ADAPTATION_FILE))
         if (folder / ADAPTATION_FILE).is_file()
         else [],
+        # an adapted model's backbone family, escaped like every other value read from a file
+        adapted_family=markdown_text(config["transformer_config"].get("model_type", "?"))
+        if isinstance(config.get("transformer_config"), dict)
+        else None,
     )
     if image:
         eval_results, more = _image_card_variables(folder, config, training)
