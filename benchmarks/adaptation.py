@@ -8,6 +8,7 @@ are valid upper bounds (``nll_bound`` on the same tokens, given the first), ± 2
     python benchmarks/adaptation.py                     # every variant (about 12 minutes each on 2 CPU cores)
     python benchmarks/adaptation.py --variants l1_flip,l2_flip --max_steps 400 --mixed_precision bf16   # a GPU
     python benchmarks/adaptation.py --tiny              # a smoke run on a tiny random Llama (seconds)
+    python benchmarks/adaptation.py --variants l2_flip --max_steps 520 --eval_every 130 --tag adaptation_long --append
 
 Writes ``adaptation[_tiny].json``, ``.md`` (the table docs/guides/adaptation.md shows) and ``.png`` (perplexity
 against training minutes) to ``--output_dir``; the runs' checkpoints stay in ``--work_dir``.
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of data order, masks and evaluation draws")
     p.add_argument("--tiny", action="store_true", help="a smoke run on a tiny random Llama")
     p.add_argument("--tag", default=None, help="file name of the results (default: adaptation, adaptation_tiny)")
+    p.add_argument("--append", action="store_true",
+                   help="add these variants to the tag's existing results (same source, steps, blocks and seed), "
+                        "keeping the runs already there")  # fmt: skip
     p.add_argument(*option_strings("work_dir"), type=Path, default=REPO / "outputs" / "benchmark_adaptation",
                    help="where the runs' checkpoints go")  # fmt: skip
     p.add_argument(*option_strings("output_dir"), type=Path, default=REPO / "benchmarks" / "results",
@@ -139,6 +143,23 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# What makes two runs comparable in one table: the same source, data budget, evaluation and seed.
+SHARED = ("source", "max_steps", "eval_every", "eval_blocks", "batch_size", "mixed_precision", "seed", "tiny")
+
+
+def previous_runs(path: Path, config: dict, environment: dict) -> dict:
+    """The runs of an earlier results file that ``--append`` may keep; refuses one measured differently."""
+    if not path.exists():
+        raise ValueError(f"--append: {path} does not exist; run without --append first")
+    earlier = json.loads(path.read_text())
+    differing = {k: (earlier["config"].get(k), config[k]) for k in SHARED if earlier["config"].get(k) != config[k]}
+    if earlier["environment"]["device"] != environment["device"]:
+        differing["device"] = (earlier["environment"]["device"], environment["device"])
+    if differing:
+        raise ValueError(f"--append: {path} was measured with other settings (earlier, now): {differing}")
+    return earlier["runs"]
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     names = [n for n in a.variants.split(",") if n]
@@ -147,15 +168,18 @@ def main(argv=None) -> dict:
         raise ValueError(f"unknown variants {unknown}; expected names from {list(VARIANTS)}")
     a.work_dir.mkdir(parents=True, exist_ok=True)
     a.output_dir.mkdir(parents=True, exist_ok=True)
-    source = tiny_source(a.work_dir / "tiny_source") if a.tiny else a.source
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
-    results = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
-        | {"source": "a tiny random Llama" if a.tiny else a.source},
-        "environment": {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads()},
-        "runs": {name: run_variant(name, a, source) for name in names},
-    }
     prefix = a.output_dir / (a.tag or ("adaptation_tiny" if a.tiny else "adaptation"))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()} | {
+        "source": "a tiny random Llama" if a.tiny else a.source
+    }
+    environment = {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads()}
+    runs = previous_runs(prefix.with_suffix(".json"), config, environment) if a.append else {}
+    source = tiny_source(a.work_dir / "tiny_source") if a.tiny else a.source
+    for name in names:
+        runs[name] = run_variant(name, a, source)
+    config["variants"] = ",".join(runs)
+    results = {"config": config, "environment": environment, "runs": runs}
     prefix.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     prefix.with_suffix(".md").write_text(render_markdown(results) + "\n")
     plot(results, prefix.with_suffix(".png"))

@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -64,6 +65,47 @@ def tiny_model(**overrides) -> MDMPrimeForMaskedDiffusion:
     return MDMPrimeForMaskedDiffusion(tiny_config(**overrides)).eval()
 
 
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A tiny text model saved once per session (read-only for the tests): ``root/checkpoint`` holds the model with a
+    non-default generation config, ``root/inputs.safetensors`` padded inputs (``ids``, ``mask``, partly masked
+    ``sub_ids``), and ``expected`` what the saving process computed on them."""
+
+    root: Path
+    model: MDMPrimeForMaskedDiffusion
+    expected: dict
+
+    @property
+    def path(self) -> Path:
+        return self.root / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def saved_checkpoint(tmp_path_factory) -> SavedCheckpoint:
+    from safetensors.torch import save_file
+
+    from modeling_mdm_prime import MDMPrimeGenerationConfig
+
+    root = tmp_path_factory.mktemp("saved")
+    model = tiny_model(num_sub_tokens=3, time_conditioning=False)
+    model.generation_config = MDMPrimeGenerationConfig(num_steps=8, strategy="confidence", max_new_tokens=5, top_p=0.95)
+    model.save_pretrained(root / "checkpoint")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (2, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    sub_ids = model.codec.encode(ids)
+    sub_ids[torch.rand(sub_ids.shape, generator=gen) < 0.5] = model.codec.mask_id
+    save_file({"ids": ids, "mask": mask, "sub_ids": sub_ids}, str(root / "inputs.safetensors"))
+    with torch.no_grad():
+        expected = {
+            "generated": model.generate(ids[:1, :4], seed=0),
+            "log_probs": model.denoise(sub_ids, attention_mask=mask),
+            "loss": model(ids, attention_mask=mask, generator=torch.Generator().manual_seed(0)).loss.reshape(1),
+        }
+    return SavedCheckpoint(root, model, expected)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
@@ -106,3 +148,23 @@ def random_distribution(vocab: int, length: int, seed: int = 0):
     sequences = torch.cartesian_prod(*[torch.arange(vocab)] * length).view(-1, length)
     probs = torch.rand(len(sequences), generator=gen).pow(3)  # skewed, fixed by the generator
     return sequences, (probs / probs.sum()).double()
+
+
+@pytest.fixture(scope="session")
+def fresh_python():
+    """``run(python, code, argv, cwd)``: ``code`` run as ``python -I -c code *argv`` with the package not importable,
+    in one worker per interpreter for the whole session (tests/fresh_interpreter.py says what stays fresh)."""
+    from fresh_interpreter import FreshInterpreter
+
+    workers: dict[str, FreshInterpreter] = {}
+
+    def run(python: str | None, code: str, argv: list, cwd: Path):
+        if python is None:
+            pytest.fail("MDM_PRIME_REQUIRE_TF4=1 but no transformers 4.57 interpreter was found")
+        if python not in workers:
+            workers[python] = FreshInterpreter(python)
+        return workers[python].run(code, argv, cwd)
+
+    yield run
+    for worker in workers.values():
+        worker.close()

@@ -3,14 +3,12 @@ input rule, the shift, attention-mask annealing, a GGUF source, the script end t
 adapted checkpoints in fresh processes on both transformers lines."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_remote_code import interpreters
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -22,6 +20,7 @@ from transformers import (
 )
 
 from conftest import GPT2_TOKENIZER
+from fresh_interpreter import interpreters
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion
 from modeling_mdm_prime.adapted_mdm_prime import consistent_mean_table, partial_token_embeddings
 from modeling_mdm_prime.tools.adaptation import (
@@ -330,7 +329,9 @@ print(json.dumps(report))
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("python", "version"), list(interpreters()))
-def test_adapted_checkpoints_load_as_remote_code_on_both_lines(python, version, adapted_by_the_script, tmp_path):
+def test_adapted_checkpoints_load_as_remote_code_on_both_lines(
+    python, version, adapted_by_the_script, tmp_path, fresh_python
+):
     """One fresh process per transformers line loads every adapted checkpoint (three families, ℓ = 2, and the
     script's output) with the package not importable; with sdpa and eager attention it reproduces the source's
     causal log-probabilities and the saving process's bidirectional logits."""
@@ -347,7 +348,7 @@ def test_adapted_checkpoints_load_as_remote_code_on_both_lines(python, version, 
             expected[f"{family}/bidirectional"] = model.token_logits(model.codec.encode(ids))
         folders.append(str(tmp_path / family))
     folders.append(str(root / "out"))
-    proc = subprocess.run([python, "-c", LOADER, str(tmp_path), *folders], capture_output=True, text=True, cwd=tmp_path)
+    proc = fresh_python(python, LOADER, [tmp_path, *folders], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["transformers"].startswith(version)
@@ -389,10 +390,16 @@ def test_the_committed_adaptation_tables_are_the_guide_s():
 def test_adaptation_benchmarks_run_tiny(tmp_path):
     """benchmarks/adaptation.py and adapted_generation.py end to end on a tiny random Llama."""
     adaptation = load_benchmark("adaptation")
-    results = adaptation.main(["--tiny", "--variants", "l1_flip,l2_flip,l1_scratch", "--max_steps", "2",
-                               "--eval_every", "2", "--eval_blocks", "2", "--work_dir", str(tmp_path / "work"),
-                               "--output_dir", str(tmp_path)])  # fmt: skip
-    assert set(results["runs"]) == {"l1_flip", "l2_flip", "l1_scratch"}
+    common = ["--tiny", "--max_steps", "2", "--eval_every", "2", "--eval_blocks", "2",
+              "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path)]  # fmt: skip
+    first = adaptation.main([*common, "--variants", "l1_flip,l2_flip"])
+    # --append adds a variant to the same table and keeps the earlier runs as measured ...
+    results = adaptation.main([*common, "--variants", "l1_scratch", "--append"])
+    assert list(results["runs"]) == ["l1_flip", "l2_flip", "l1_scratch"]
+    assert results["runs"]["l1_flip"] == first["runs"]["l1_flip"] and results["config"]["variants"].count(",") == 2
+    # ... and refuses runs measured with another budget
+    with pytest.raises(ValueError, match=r"other settings .*'max_steps': \(2, 4\)"):
+        adaptation.main([*common[:1], "--max_steps", "4", *common[3:], "--variants", "l1_scratch", "--append"])
     for run in results["runs"].values():
         assert [e["step"] for e in run["evals"]] == [0, 2]
         assert run["exactness_max_abs_log_prob_diff"] <= 1e-5

@@ -8,15 +8,12 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from conftest import tiny_model
 from modeling_mdm_prime import MDMPrimeForMaskedDiffusion
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("attention") / "checkpoint"
-    tiny_model(num_sub_tokens=2).save_pretrained(path)
-    return path
+def checkpoint(saved_checkpoint):
+    return saved_checkpoint.path
 
 
 def padded_inputs(model, seed: int = 0):
@@ -77,9 +74,9 @@ def test_attention_is_bidirectional(checkpoint, implementation):
     """Without a padding mask transformers' SDPA function would be causal unless the module says otherwise: a change
     to the last token must reach the first position's output."""
     model = MDMPrimeForMaskedDiffusion.from_pretrained(checkpoint, attn_implementation=implementation).eval()
-    _, _, sub_ids = padded_inputs(model)
+    ids, _, sub_ids = padded_inputs(model)
     changed = sub_ids.clone()
-    changed[:, -1] = (sub_ids[:, -1] + 1) % model.codec.base
+    changed[:, -1] = model.codec.encode((ids[:, -1] + 1) % model.config.vocab_size)  # another, fully revealed token
     first = model.denoise(sub_ids)[:, 0]
     assert not torch.allclose(model.denoise(changed)[:, 0], first, equal_nan=True)
 

@@ -4,8 +4,6 @@ unfolded, bias-free LayerNorm in float32, rotate-half RoPE, explicit attention, 
 
 import json
 import math
-import os
-import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -14,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from test_remote_code import interpreters
 
 from conftest import GPT2_TOKENIZER
+from fresh_interpreter import interpreters
 from modeling_mdm_prime.tools import check_checkpoint
 from modeling_mdm_prime.tools.convert import (
     convert_checkpoint,
@@ -491,20 +489,9 @@ def converted(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("python", "version"), list(interpreters()))
-def test_converted_loads_with_remote_code(converted, python, version):
+def test_converted_loads_with_remote_code(converted, python, version, fresh_python):
     root, out, expected = converted
-    if python is None:
-        pytest.fail("MDM_PRIME_REQUIRE_TF4=1 but no transformers 4.57 interpreter was found")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / f"modules-{version}"), HF_HOME=str(root / "hf"))
-    result = subprocess.run(
-        [python, "-I", "-c", LOADER, str(out), str(root)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = fresh_python(python, LOADER, [out, root], cwd=root)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["transformers"].startswith(version) and report["class"] == "MDMPrimeForMaskedDiffusion"

@@ -266,7 +266,7 @@ def test_finetune_outputs_fit_the_toolchain(full_run):
     assert not (out / "all_results.json").exists()
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config.get("tokenizer_class") != "TokenizersBackend"  # transformers 4.57 knows the class
-    from test_remote_code import tf4_python
+    from fresh_interpreter import tf4_python
 
     if tf4_python():
         check = subprocess.run(

@@ -3,8 +3,6 @@ the state-dependent sampler."""
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -12,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from test_remote_code import interpreters
 
 import modeling_mdm_prime.modeling_mdm_prime as modeling
+from fresh_interpreter import interpreters
 from modeling_mdm_prime import (
     MDMPrimeConfig,
     MDMPrimeForMaskedDiffusion,
@@ -422,16 +420,9 @@ print(json.dumps({
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("python", "version"), list(interpreters()))
-def test_genmd4_remote_code_loads_in_fresh_process(saved_genmd4, python, version):
+def test_genmd4_remote_code_loads_in_fresh_process(saved_genmd4, python, version, fresh_python):
     root, _, ids, expected = saved_genmd4
-    if python is None:
-        pytest.fail("MDM_PRIME_REQUIRE_TF4=1 but no transformers 4.57 interpreter was found")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / f"modules-{version}"), HF_HOME=str(root / "hf"))
-    result = subprocess.run(
-        [python, "-I", "-c", GENMD4_LOADER, str(root / "checkpoint"), json.dumps(ids.tolist())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = fresh_python(python, GENMD4_LOADER, [root / "checkpoint", json.dumps(ids.tolist())], cwd=root)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["transformers"].startswith(version) and report["module"].startswith("transformers_modules")

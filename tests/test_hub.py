@@ -30,10 +30,11 @@ import numpy as np
 import pytest
 import torch
 from hub_server import DOWN, LocalHub
-from test_remote_code import SHIPPED, tf4_python
+from test_remote_code import SHIPPED
 from transformers import AutoTokenizer
 
 import modeling_mdm_prime
+from fresh_interpreter import tf4_python
 from modeling_mdm_prime import MDMPrimeForMaskedDiffusion
 from modeling_mdm_prime.tools import (
     HubPublishError,
@@ -523,15 +524,12 @@ def test_cli_dry_run_writes_what_would_be_pushed(tmp_path):
         push_to_hub.parse_args([str(REFERENCE)])  # neither a repo id nor --save_to
 
 
-def test_hub_module_is_not_shipped_as_remote_code(tmp_path):
+def test_hub_module_is_not_shipped_as_remote_code(saved_checkpoint):
     """The naming rule: the package's files named *_mdm_prime.py are exactly the ones shipped as remote code."""
-    from conftest import tiny_model
-
-    tiny_model().save_pretrained(tmp_path)
-    assert set(shipped_code_files(tmp_path)) == SHIPPED
+    assert set(shipped_code_files(saved_checkpoint.path)) == SHIPPED
     package = Path(modeling_mdm_prime.__file__).parent
     assert {p.name for p in package.glob("*_mdm_prime.py")} == SHIPPED | IMAGE_CODE  # text + image models
-    assert {p.name for p in tmp_path.glob("*.py")} == SHIPPED
+    assert {p.name for p in saved_checkpoint.path.glob("*.py")} == SHIPPED
     assert HubPublishError.__module__ == "modeling_mdm_prime.tools.publish"
 
 

@@ -3,14 +3,13 @@ sampler's knobs, and remote-code loading of saved image checkpoints in fresh pro
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_remote_code import interpreters
 
+from fresh_interpreter import interpreters
 from modeling_mdm_prime import (
     MDMPrimeForImageDiffusion,
     MDMPrimeImageConfig,
@@ -364,7 +363,7 @@ print(json.dumps({**report, "transformers": transformers.__version__}))
 @pytest.mark.slow
 @pytest.mark.parametrize("python,version", list(interpreters()))
 @pytest.mark.parametrize("backbone", ["unet", "transformer"])
-def test_image_checkpoint_loads_with_only_its_code(tmp_path, python, version, backbone):
+def test_image_checkpoint_loads_with_only_its_code(tmp_path, python, version, backbone, fresh_python):
     model = image_model(backbone=backbone, num_levels=256, num_sub_tokens=2)
     torch.nn.init.normal_(model.model.embed_sub_tokens.weight)
     if backbone == "unet":  # leave the zero init, so the network's output is not trivially uniform
@@ -376,15 +375,7 @@ def test_image_checkpoint_loads_with_only_its_code(tmp_path, python, version, ba
     assert "modeling_image_mdm_prime.py" in saved and not any(name.endswith(".bin") for name in saved)
     images = random_images(model.config, 2)
     save_file({"images": images}, tmp_path / "inputs.safetensors")
-    (tmp_path / "load.py").write_text(IMAGE_LOADER)
-    result = subprocess.run(
-        [python, str(tmp_path / "load.py"), str(tmp_path / "ckpt"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
+    result = fresh_python(python, IMAGE_LOADER, [tmp_path / "ckpt", tmp_path], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["transformers"].startswith(version)

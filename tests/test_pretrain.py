@@ -19,10 +19,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
-from test_remote_code import tf4_python
 from transformers import HfArgumentParser
 
 from conftest import GPT2_TOKENIZER
+from fresh_interpreter import tf4_python
 from modeling_mdm_prime.tools import data
 
 REPO = Path(__file__).resolve().parents[1]

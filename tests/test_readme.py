@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_remote_code import tf4_python
+
+from fresh_interpreter import tf4_python
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]

@@ -2,17 +2,14 @@
 on the installed transformers (5.x) and on a transformers 4.57 environment."""
 
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import tiny_model
-from modeling_mdm_prime import MDMPrimeGenerationConfig
+from fresh_interpreter import interpreters
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = {
@@ -72,44 +69,9 @@ print(json.dumps(report))
 """
 
 
-def tf4_python() -> str | None:
-    candidate = os.environ.get("MDM_PRIME_TF4_PYTHON") or str(REPO / ".venv-tf4" / "bin" / "python")
-    return candidate if Path(candidate).exists() else None
-
-
-def interpreters():
-    yield pytest.param(sys.executable, "5.", id="transformers-5")
-    python = tf4_python()
-    if python is None and os.environ.get("MDM_PRIME_REQUIRE_TF4") != "1":
-        yield pytest.param(
-            None,
-            "4.57",
-            id="transformers-4.57",
-            marks=pytest.mark.skip("no transformers 4.57 env (.ci/run builds one)"),
-        )
-    else:
-        yield pytest.param(python, "4.57", id="transformers-4.57")
-
-
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("remote")
-    model = tiny_model(num_sub_tokens=3, time_conditioning=False)
-    model.generation_config = MDMPrimeGenerationConfig(num_steps=8, strategy="confidence", max_new_tokens=5, top_p=0.95)
-    model.save_pretrained(root / "checkpoint")
-    ids = torch.randint(0, 300, (2, 10))
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    sub_ids = model.codec.encode(ids)
-    sub_ids[torch.rand(sub_ids.shape) < 0.5] = model.codec.mask_id
-    inputs = {"ids": ids, "mask": mask, "sub_ids": sub_ids}
-    save_file(inputs, str(root / "inputs.safetensors"))
-    expected = {
-        "generated": model.generate(ids[:1, :4], seed=0),
-        "log_probs": model.denoise(sub_ids, attention_mask=mask),
-        "loss": model(ids, attention_mask=mask, generator=torch.Generator().manual_seed(0)).loss.reshape(1),
-    }
-    return root, expected
+def saved(saved_checkpoint):
+    return saved_checkpoint.root, saved_checkpoint.expected
 
 
 def test_checkpoint_contents(saved):
@@ -128,20 +90,11 @@ def test_checkpoint_contents(saved):
 
 
 @pytest.mark.parametrize(("python", "version"), list(interpreters()))
-def test_remote_code_loads_in_fresh_process(saved, python, version):
+def test_remote_code_loads_in_fresh_process(saved, python, version, fresh_python, tmp_path_factory):
     root, expected = saved
-    if python is None:
-        pytest.fail("MDM_PRIME_REQUIRE_TF4=1 but no transformers 4.57 interpreter was found")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / f"modules-{version}"), HF_HOME=str(root / "hf"))
-    result = subprocess.run(
-        [python, "-I", "-c", LOADER, str(root / "checkpoint"), str(root)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    work = tmp_path_factory.mktemp(f"loaded-{version}")
+    shutil.copy(root / "inputs.safetensors", work)
+    result = fresh_python(python, LOADER, [root / "checkpoint", work], cwd=work)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["transformers"].startswith(version)
@@ -155,13 +108,13 @@ def test_remote_code_loads_in_fresh_process(saved, python, version):
     for auto in ("AutoModel", "AutoModelForMaskedLM"):
         name, module = report["models"][auto]
         assert name == "MDMPrimeForMaskedDiffusion" and module.startswith("transformers_modules")
-        outputs = load_file(str(root / f"{auto}.safetensors"))
+        outputs = load_file(str(work / f"{auto}.safetensors"))
         assert torch.allclose(outputs["log_probs"], expected["log_probs"], atol=1e-6, equal_nan=True)
         assert torch.allclose(outputs["loss"], expected["loss"], atol=1e-6)
         assert torch.equal(outputs["generated"], expected["generated"])
     assert report["attn_implementation"] == ["sdpa", "eager", "eager"]
     real = load_file(str(root / "inputs.safetensors"))["mask"].bool()
-    for log_probs in load_file(str(root / "attention.safetensors")).values():
+    for log_probs in load_file(str(work / "attention.safetensors")).values():
         assert torch.allclose(log_probs[real], expected["log_probs"][real], atol=1e-5, equal_nan=True)
 
 
@@ -216,19 +169,12 @@ print(json.dumps({
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("python", "version"), list(interpreters()))
-def test_pipeline_and_saved_generation_config_with_only_the_shipped_code(tmp_path, python, version):
+def test_pipeline_and_saved_generation_config_with_only_the_shipped_code(tmp_path, python, version, fresh_python):
     """The reference checkpoint as users meet it (its generation_config.json sets max_new_tokens=64): the
     text-generation pipeline runs diffusion sampling, infilling appends nothing, and repeated prompts in one
     batch get distinct samples, on transformers 5.x and 4.57, with the package not importable."""
-    if python is None:
-        pytest.fail("MDM_PRIME_REQUIRE_TF4=1 but no transformers 4.57 interpreter was found")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
     checkpoint = REPO / "checkpoints" / "mdm-prime-shakespeare-tiny"
-    result = subprocess.run(
-        [python, "-I", "-c", PIPELINE, str(checkpoint)], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+    result = fresh_python(python, PIPELINE, [checkpoint], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["transformers"].startswith(version)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model
 from modeling_mdm_prime import MDMPrimeForImageDiffusion, MDMPrimeImageConfig
 from modeling_mdm_prime._deprecated import MOVED
 from modeling_mdm_prime.tools import shipped_code_files
@@ -33,9 +32,8 @@ def _imports(path: Path) -> list[tuple[int, str | None, int]]:
     return found
 
 
-def test_saved_checkpoints_ship_exactly_the_top_level_mdm_prime_files(tmp_path):
-    text, image = tmp_path / "text", tmp_path / "image"
-    tiny_model().save_pretrained(text)
+def test_saved_checkpoints_ship_exactly_the_top_level_mdm_prime_files(tmp_path, saved_checkpoint):
+    text, image = saved_checkpoint.path, tmp_path / "image"
     config = MDMPrimeImageConfig(
         num_channels=1, height=4, width=4, num_levels=16, num_sub_tokens=2, hidden_size=16, num_hidden_layers=1
     )
