@@ -12,6 +12,11 @@ import torch  # noqa: E402
 
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion  # noqa: E402
 
+# One thread per process that a test starts (scripts, accelerate launches, the fresh-process workers): several of
+# them often run at once on a 2-core machine, where OpenMP threads contending for the cores slow a run down tenfold.
+# Set after torch is imported, so this process keeps its threads (libgomp reads the variable when it loads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 GPT2_SHA256 = "311f7262f89ffe8757683fda3c081a5cac5a885dc311264791a17d2a18499a4f"
 
 

@@ -181,3 +181,29 @@ def test_pipeline_and_saved_generation_config_with_only_the_shipped_code(tmp_pat
     assert report["pipeline"] == report["direct"] and report["pipeline"].startswith("ROMEO:")
     assert report["infill_shape"] == report["template_shape"] and report["template_kept"]
     assert report["distinct_repeats"] == 3
+
+
+def test_the_fresh_worker_behaves_like_a_fresh_process(fresh_python, tmp_path):
+    """tests/fresh_interpreter.py: what one case does is not seen by the next one, the package cannot be imported,
+    exit codes and output come back as from a process, and each process a test starts has one thread."""
+    import sys
+
+    probe = (
+        "import os, sys, torch\n"
+        "try:\n    import modeling_mdm_prime\n    print('importable')\nexcept ImportError:\n    print('blocked')\n"
+        "os.write(1, b'written to fd 1 by C code\\n')\n"  # must not corrupt the worker's replies
+        "print(torch.get_default_dtype(), torch.get_num_threads(), os.getcwd(), sys.argv[1:])\n"
+        "torch.set_default_dtype(torch.float64)\n"
+        "sys.modules['transformers_modules.leftover'] = sys\n"
+        "raise SystemExit(int(sys.argv[1]))\n"
+    )
+    first = fresh_python(sys.executable, probe, [3, "x"], cwd=tmp_path)
+    second = fresh_python(sys.executable, probe, [0, "y"], cwd=tmp_path.parent)
+    assert first.returncode == 3 and second.returncode == 0
+    for result, argv, cwd in ((first, ["3", "x"], tmp_path), (second, ["0", "y"], tmp_path.parent)):
+        assert result.stdout.splitlines() == ["blocked", f"torch.float32 1 {cwd} {argv}"]
+    leftover = "import sys; print('transformers_modules.leftover' in sys.modules)"
+    leaked = fresh_python(sys.executable, leftover, [], tmp_path)
+    assert leaked.stdout == "False\n"
+    failed = fresh_python(sys.executable, "raise KeyError('boom')", [], tmp_path)
+    assert failed.returncode == 1 and "KeyError: 'boom'" in failed.stderr
