@@ -15,7 +15,6 @@ feature vector, and it returns ``num_levels`` logits per channel of every pixel.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +25,7 @@ from transformers.utils import ModelOutput, logging
 from .adapted_mdm_prime import MDMPrimeAdaptedModel  # noqa: F401
 from .codec_mdm_prime import SubTokenCodec
 from .configuration_mdm_prime import MDMPrimeImageConfig
+from .estimators_mdm_prime import SubTokenEstimator  # noqa: F401  (4.57 copies only direct imports)
 
 # transformers 4.57 copies only the modeling file's direct relative imports into a checkpoint: import every file.
 from .generation_mdm_prime import MDMPrimeGenerationConfig
@@ -38,6 +38,7 @@ from .modeling_mdm_prime import (
     MDMPrimeNLLOutput,
     MDMPrimePreTrainedModel,
     MDMPrimeTimestepEmbedding,
+    time_samples_argument,
 )
 from .sampling_mdm_prime import SamplerStrategy  # noqa: F401
 from .schedules_mdm_prime import sample_times
@@ -217,7 +218,6 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         MDMPrimePreTrainedModel.__init__(self, config)
         self.model = MDMPrimeImageModel(config)
         self.schedule_power_logits = None  # GenMD4 is text only (the config refuses it)
-        self._condition: tuple[torch.Tensor, float] | None = None
         self.generation_config = self._default_generation_config(config)
         self.post_init()
 
@@ -286,20 +286,6 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
             raise ValueError(f"class_labels must lie in [0, {c.num_classes}] ({c.num_classes} = null class).")
         return labels
 
-    @contextmanager
-    def conditioning(self, class_labels: torch.Tensor | None, guidance_scale: float = 1.0):
-        """Within this context every network call of the model is conditioned on ``class_labels`` ``(B,)``, with
-        classifier-free guidance ``log p_null + s (log p_c - log p_null)`` for ``guidance_scale`` s (diffusers'
-        convention: s = 1 is the conditional model, no guidance). Rows the loop adds (``num_return_sequences``)
-        must already be expanded by the caller."""
-        previous = self._condition
-        # Stored as w = s - 1, the weight of (log p_c - log p_null) added to log p_c.
-        self._condition = None if class_labels is None else (class_labels, float(guidance_scale) - 1.0)
-        try:
-            yield
-        finally:
-            self._condition = previous
-
     def token_logits(
         self,
         sub_ids: torch.Tensor,
@@ -308,20 +294,28 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         positions: torch.Tensor | None = None,
         check_inputs: bool = True,
         attention_pattern: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """The network's unfiltered scores over the levels, differentiable: ``(B, H·W·C, num_levels)``, or ``(N,
         num_levels)`` at ``positions`` ``(B, H·W·C)`` bool in row-major order. Images have no padding: an
-        ``attention_mask`` must be all ones. With classifier-free guidance (:meth:`conditioning`), the scores are
-        the guided log-probabilities. ``attention_pattern`` is the text model's (adapted models only): refused."""
+        ``attention_mask`` must be all ones. ``attention_pattern`` is the text model's (adapted models only):
+        refused.
+
+        Class-conditional models take ``class_labels`` ``(B,)`` (``num_classes`` = the null class). With
+        ``guidance_scale`` s != 1 the scores are classifier-free guided log-probabilities,
+        ``log p_null + s (log p_c - log p_null)`` (diffusers' convention: s = 1 is the conditional model)."""
         if attention_pattern is not None:
             raise ValueError("attention_pattern is only supported by models adapted from a causal LM.")
         if check_inputs:
             self.codec.check_sub_ids(sub_ids)
             if attention_mask is not None and not bool(attention_mask.bool().all()):
                 raise ValueError("images have no padding: attention_mask must be all ones (or None).")
-        labels, scale = self._condition if self._condition is not None else (None, 0.0)
+        labels, scale = class_labels, float(guidance_scale) - 1.0  # scale: the weight of (log p_c - log p_null)
         if self.config.num_classes and labels is None:
-            raise ValueError("this model is class-conditional: call it inside model.conditioning(class_labels).")
+            raise ValueError("this model is class-conditional: pass class_labels.")
+        if labels is None and scale != 0.0:
+            raise ValueError("guidance_scale needs class_labels (1 = no guidance).")
         if labels is not None and labels.shape[0] != sub_ids.shape[0]:
             raise ValueError(f"{labels.shape[0]} class labels for a batch of {sub_ids.shape[0]} images.")
         if labels is not None and scale != 0.0:
@@ -369,13 +363,15 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         if labels is not None and self.training and self.config.class_dropout > 0:
             drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.config.class_dropout
             labels = labels.masked_fill(drop, self.config.num_classes)
-        with self.conditioning(labels):
-            if self.config.loss_type != "cross_entropy":
-                return super().forward(ids, timesteps=timesteps, generator=generator, return_dict=return_dict)
-            output = self._cross_entropy_objective(ids, timesteps, generator)
+        network_kwargs = {} if labels is None else {"class_labels": labels}
+        if self.config.loss_type != "cross_entropy":
+            every = torch.ones_like(ids, dtype=torch.bool)
+            output = self._objective(ids, every, None, self._check_timesteps(timesteps, ids), generator, network_kwargs)
+        else:
+            output = self._cross_entropy_objective(ids, timesteps, generator, network_kwargs)
         return output if return_dict else output.to_tuple()
 
-    def _cross_entropy_objective(self, ids, timesteps, generator) -> MDMPrimeDiffusionOutput:
+    def _cross_entropy_objective(self, ids, timesteps, generator, network_kwargs: dict) -> MDMPrimeDiffusionOutput:
         batch = ids.shape[0]
         if timesteps is None:
             t = sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64)
@@ -385,7 +381,9 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         clean = self.codec.encode(ids, check=False)
         masked = sample_masks(clean.shape, alpha, torch.ones_like(ids, dtype=torch.bool), generator)
         noise_level = (1.0 - alpha).float() if self.config.time_conditioning else None
-        logits = self.token_logits(clean.masked_fill(masked, self.codec.mask_id), None, noise_level, check_inputs=False)
+        logits = self.token_logits(
+            clean.masked_fill(masked, self.codec.mask_id), None, noise_level, check_inputs=False, **network_kwargs
+        )
         loss = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
         return MDMPrimeDiffusionOutput(loss=loss, timesteps=t.float(), num_tokens=torch.tensor(ids.numel()))
 
@@ -405,14 +403,10 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         ``-log p_θ(x | class)``."""
         ids = self.pixels_to_ids(pixel_values)
         labels = self._class_labels(class_labels, ids.shape[0], ids.device)
-        with self.conditioning(labels):
-            out = super().nll_bound(
-                ids,
-                num_time_samples=num_time_samples,
-                num_steps=num_steps,
-                generator=generator,
-                num_samples=num_samples,
-            )
+        num_samples = time_samples_argument(num_time_samples, num_samples)
+        every = torch.ones_like(ids, dtype=torch.bool)
+        network_kwargs = {} if labels is None else {"class_labels": labels}
+        out = self._bound(ids, every, every, None, num_samples, num_steps, generator, network_kwargs)
         per_image = math.log(2.0) * self.config.num_pixel_tokens
         return MDMPrimeImageNLLOutput(
             nll=out.nll,
@@ -529,8 +523,8 @@ class MDMPrimeForImageDiffusion(MDMPrimeForMaskedDiffusion):
         copies = kwargs.get("num_return_sequences") or self.generation_config.num_return_sequences or 1
         if labels is not None and copies > 1:
             labels = labels.repeat_interleave(copies)
-        with self.conditioning(labels, guidance_scale):
-            out = super().generate(sub_token_ids=template, **kwargs)
+        network_kwargs = {} if labels is None else {"class_labels": labels, "guidance_scale": guidance_scale}
+        out = super().generate(sub_token_ids=template, network_kwargs=network_kwargs, **kwargs)
         sequences = out.sequences if isinstance(out, ModelOutput) else out
         images = self.ids_to_pixels(sequences)
         if output_type == "pil":

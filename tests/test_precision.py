@@ -5,6 +5,7 @@ mask when nothing is padded, and a torch.compile'd backbone agrees with eager.""
 import pytest
 import torch
 
+import modeling_mdm_prime.estimators_mdm_prime as estimators
 import modeling_mdm_prime.modeling_mdm_prime as modeling
 import modeling_mdm_prime.sampling_mdm_prime as sampling
 from conftest import tiny_model
@@ -42,7 +43,7 @@ def test_autocast_loss_is_finite_and_its_terms_are_float32(device, dtype, ell, m
         calls.append((logits.detach(), targets, masked, out[0].detach(), out[1].detach()))
         return out
 
-    monkeypatch.setattr(modeling, "diffusion_terms", spy)
+    monkeypatch.setattr(estimators, "diffusion_terms", spy)
     ids = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.autocast(device, dtype=dtype):
         out = model(ids, generator=torch.Generator(device).manual_seed(1))

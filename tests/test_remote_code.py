@@ -16,6 +16,7 @@ SHIPPED = {
     "adapted_mdm_prime.py",
     "configuration_mdm_prime.py",
     "codec_mdm_prime.py",
+    "estimators_mdm_prime.py",
     "schedules_mdm_prime.py",
     "losses_mdm_prime.py",
     "sampling_mdm_prime.py",

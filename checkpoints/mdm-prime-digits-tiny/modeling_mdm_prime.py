@@ -31,28 +31,21 @@ from transformers.utils import ModelOutput, logging
 from .adapted_mdm_prime import MDMPrimeAdaptedModel
 from .codec_mdm_prime import SubTokenCodec
 from .configuration_mdm_prime import MDMPrimeConfig
-from .generation_mdm_prime import MDMPrimeGenerationConfig, MDMPrimeGenerationMixin
-from .losses_mdm_prime import (
-    diffusion_terms,
-    discrete_expected_step_terms,
-    discrete_reveal_weights,
-    genmd4_integrand,
-    genmd4_step_kl,
-    reinforce_leave_one_out,
-    sample_mask_counts,
-    sample_masking_time_corruption,
-    sample_masks,
-    sample_state_dependent_masks,
-    state_dependent_mask_log_prob,
+from .estimators_mdm_prime import (
+    StateDependentEstimator,
+    SubTokenEstimator,
+    estimator_for,
+    mean_and_stderr,
 )
+from .generation_mdm_prime import MDMPrimeGenerationConfig, MDMPrimeGenerationMixin
 
 # transformers 4.57 copies only the modeling file's direct relative imports into a checkpoint.
+from .losses_mdm_prime import diffusion_terms  # noqa: F401
 from .sampling_mdm_prime import SamplerStrategy  # noqa: F401
 from .schedules_mdm_prime import (
     NoiseSchedule,
     StateDependentPolynomialSchedule,
     get_noise_schedule,
-    sample_times,
 )
 
 logger = logging.get_logger(__name__)
@@ -117,19 +110,6 @@ class MDMPrimeNLLOutput(ModelOutput):
     paper_objective: torch.FloatTensor | None = None
     paper_objective_stderr: torch.FloatTensor | None = None
     nll_samples: torch.FloatTensor | None = None
-
-
-@dataclass
-class _Corruption:
-    """One draw of the forward process: ``masked`` ``(B, L, ℓ)``, the per-sequence ``weight`` ``(B,)`` of the
-    continuous-time estimators, α and t ``(B,)`` (None for the count estimator), and the discrete-time
-    ``step`` i in 1..T ``(B,)``."""
-
-    masked: torch.Tensor
-    weight: torch.Tensor | None
-    alpha: torch.Tensor | None
-    t: torch.Tensor | None
-    step: torch.Tensor | None = None
 
 
 def rotary_cos_sin(
@@ -460,6 +440,13 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             c.noise_schedule, c.noise_eps, c.polynomial_exponent, c.geometric_beta_min, c.geometric_beta_max
         )
 
+    @property
+    def estimator(self) -> SubTokenEstimator | StateDependentEstimator:
+        """The Monte-Carlo estimator of this model's forward process (``estimators_mdm_prime``), to which
+        :meth:`forward` and :meth:`nll_bound` delegate: GenMD4's for ``learnable_polynomial``, the sub-token
+        one otherwise. Built per call: it holds the current schedule and powers, nothing else."""
+        return estimator_for(self.config, self.codec, self.noise_schedule, self.powers)
+
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
@@ -495,9 +482,6 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         ids = torch.where(real, input_ids, torch.zeros_like(input_ids))
         self.codec.check_ids(ids, "input_ids")
         return ids, real
-
-    def _noise_level(self, alpha: torch.Tensor | None) -> torch.Tensor | None:
-        return (1.0 - alpha) if self.config.time_conditioning and alpha is not None else None
 
     def token_logits(
         self,
@@ -540,50 +524,6 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             return self.output_layer(hidden[positions])
         return self.output_layer(hidden)
 
-    def _corrupt(
-        self,
-        clean: torch.Tensor,
-        maskable: torch.Tensor,
-        strata: torch.Tensor,
-        schedule: NoiseSchedule,
-        generator: torch.Generator | None,
-        *,
-        timesteps: torch.Tensor | None = None,
-        num_steps: int | None = None,
-    ) -> _Corruption:
-        """The forward process for one Monte-Carlo sample per sequence, shared by training and the bound.
-
-        Args:
-            clean: ``(B, L, ℓ)`` clean digits; maskable: ``(B, L)`` positions that may be masked.
-            strata: ``(B,)`` low-discrepancy numbers in [0, 1) that place each sequence's sample.
-            timesteps: explicit ``(B,)`` times (continuous time).
-            num_steps: T for the discrete-time bound.
-        Three estimators of the same bound (docs/concepts/honest-likelihoods.md):
-
-        * count (continuous time, the default): k = 1 + floor(strata · N) of the N maskable elements, a
-          uniform k-subset, weight N/k; a time-conditioned network is told the noise level
-          t ~ Beta(k, N - k + 1) (:func:`sample_mask_counts`). Unbiased, weights bounded by N;
-        * continuous time at given ``timesteps``: mask with probability 1 - α_t, weight ``w(t) = -α'/(1 - α)``;
-        * discrete time: step i = 1 + floor(strata · T), t = i/T, s = (i-1)/T, mask with probability 1 - α_t;
-          the caller sums the step's reveal set out (:func:`discrete_reveal_weights`).
-        """
-        if timesteps is None and num_steps is None:
-            masked, weight, level = sample_mask_counts(
-                maskable, self.codec.num_sub_tokens, strata, generator, return_level=True
-            )
-            # A time-conditioned network is told the masking probability t ~ Beta(k, N - k + 1) (see
-            # sample_mask_counts); a time-independent one needs no t at all.
-            alpha = 1.0 - level if self.config.time_conditioning else None
-            return _Corruption(masked, weight.double(), alpha, None)
-        if num_steps is not None:
-            step = torch.floor(strata.double() * num_steps) + 1
-            t = step / num_steps
-            alpha = schedule.alpha(t)
-            return _Corruption(sample_masks(clean.shape, alpha, maskable, generator), None, alpha, t, step.long())
-        t = timesteps
-        alpha = schedule.alpha(t)
-        return _Corruption(sample_masks(clean.shape, alpha, maskable, generator), schedule.weight(t).double(), alpha, t)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -616,8 +556,6 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
                 (attention-mask annealing, see :meth:`token_logits`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if attention_pattern is not None and self.state_dependent:
-            raise ValueError("attention_pattern is not supported with GenMD4 (learnable_polynomial) models.")
         ids, scored = self._prepare_tokens(input_ids, attention_mask)
         if labels is not None:
             if labels.shape != ids.shape:
@@ -626,153 +564,46 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
             ids = torch.where(keep | ~scored, ids, labels)
             self.codec.check_ids(ids, "labels")
             scored = scored & ~keep
-        batch = ids.shape[0]
-        if timesteps is not None:
-            timesteps = torch.as_tensor(timesteps, device=ids.device, dtype=torch.float64)
-            if timesteps.dim() > 1 or timesteps.numel() not in (1, batch):
-                raise ValueError(
-                    f"timesteps must be a scalar or have shape ({batch},) (one time per sequence), got "
-                    f"{tuple(timesteps.shape)}."
-                )
-            timesteps = timesteps.reshape(-1).expand(batch)
-            if bool((~((timesteps > 0) & (timesteps <= 1))).any()):
-                raise ValueError(f"timesteps must lie in (0, 1], got {timesteps.tolist()}.")
-        if self.state_dependent:
-            output = self._genmd4_forward(ids, scored, attention_mask, timesteps, generator)
-            return output if return_dict else output.to_tuple()
-        clean = self.codec.encode(ids, check=False)
-        strata = 1.0 - sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64)
-        noise = self._corrupt(clean, scored, strata, self.noise_schedule, generator, timesteps=timesteps)
-        masked, seq_weight = noise.masked, noise.weight.float()
-        rows = masked.any(-1)
-        logits = self.token_logits(
-            clean.masked_fill(masked, self.codec.mask_id),
-            attention_mask,
-            self._noise_level(noise.alpha),
-            rows,
-            attention_pattern=attention_pattern,
-        )
-        valid, prime = diffusion_terms(logits, ids[rows], masked[rows], self.codec, self.config.carry_over)
-        weight = seq_weight.unsqueeze(1).expand_as(rows)[rows]
-        num_tokens = scored.sum()
-        denom = num_tokens.clamp(min=1)
-        elbo = (weight * valid).sum() / denom
-        paper_objective = (weight * prime).sum() / denom
-        loss = elbo if self.config.loss_type == "elbo" else paper_objective
-        output = MDMPrimeDiffusionOutput(
-            loss=loss,
-            elbo=elbo.detach(),
-            paper_objective=paper_objective.detach(),
-            timesteps=None if noise.t is None else noise.t.float(),
-            num_tokens=num_tokens,
-        )
+        network_kwargs = {} if attention_pattern is None else {"attention_pattern": attention_pattern}
+        timesteps = self._check_timesteps(timesteps, ids)
+        output = self._objective(ids, scored, attention_mask, timesteps, generator, network_kwargs)
         return output if return_dict else output.to_tuple()
 
-    def _genmd4_sample(
-        self,
-        ids: torch.Tensor,
-        scored: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        powers: torch.Tensor,
-        generator: torch.Generator | None,
-        *,
-        strata: torch.Tensor | None = None,
-        t: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One draw of the forward process per row (ℓ = 1), scored by one network call.
-
-        With ``strata`` ``(B,)``: the masking-time estimator (:func:`sample_masking_time_corruption`): t = τ_J, the
-        estimate is ``(N / W(z)) Σ_{masked n} g_n`` and the sample's log-density ``log r = log q(z | t) + log W(z)``
-        (+ terms without powers). With ``t`` ``(B,)``: masks from q(z | t), the estimate is the integrand at t,
-        ``(1/t) Σ g_n``, and ``log r = log q(z | t)``. ``g`` is :func:`genmd4_integrand`.
-
-        Returns:
-            ``(B,)`` float32 estimates (differentiable in the network and the powers), ``(B,)`` float64 ``log r``
-            (differentiable in the powers: the score-function term), ``(B, L)`` masks, the ``(N, C)`` logits at
-            the masked positions (row-major) and the ``(B,)`` float64 times.
-        """
-        schedule = StateDependentPolynomialSchedule(powers, 0.0)
-        if strata is not None:
-            t, masked, total_power = sample_masking_time_corruption(ids, powers, scored, strata, generator)
-        else:
-            log_mask = schedule.log_masking_probability(t.unsqueeze(1), ids)
-            masked = sample_state_dependent_masks(ids, log_mask, scored, generator)
-        log_mask = schedule.log_masking_probability(t.unsqueeze(1), ids)  # (B, L) float64
-        log_r = state_dependent_mask_log_prob(masked, log_mask, schedule.log_alpha(t.unsqueeze(1), ids), scored)
-        sub_ids = ids.masked_fill(masked, self.codec.mask_id).unsqueeze(-1)
-        # The network is told t itself: under a state-dependent schedule there is no single masking probability to
-        # tell it, and the posterior q(x0 | x_t) depends on t through every t^{w_i} (at w = 1, t is MD4's 1 - α_t).
-        logits = self.token_logits(sub_ids, attention_mask, t.float(), masked, check_inputs=False)
-        g = genmd4_integrand(logits, ids[masked], powers)
-        row_of = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(masked)[masked]
-        sums = torch.zeros(ids.shape[0], dtype=g.dtype, device=ids.device).index_add(0, row_of, g)
-        if strata is not None:
-            tiny = torch.finfo(torch.float64).tiny
-            count = scored.sum(1).to(total_power.dtype)
-            weight = torch.where(count > 0, count / total_power.clamp(min=tiny), torch.zeros_like(total_power))
-            log_r = log_r + torch.log(total_power.clamp(min=tiny))
-        else:
-            weight = 1.0 / t
-        return weight.to(sums.dtype) * sums, log_r, masked, logits, t
-
-    def _genmd4_forward(
-        self,
-        ids: torch.Tensor,
-        scored: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        timesteps: torch.Tensor | None,
-        generator: torch.Generator | None,
-    ) -> MDMPrimeDiffusionOutput:
-        """GenMD4's training objective (docs/concepts/genmd4.md) on the endpoint-exact schedule
-        ``α_{t,i} = 1 - t^{w_i}`` (α(0) = 1 and α(1) = 0 exactly, so there is no prior or reconstruction term).
-
-        Per sequence, two independent draws k = 1, 2 (scored in one network call of 2B rows) give unbiased
-        estimates of the continuous-time NELBO ``∫ (1/t) E_q[Σ_{masked n} g_n] dt``,
-        ``g = Σ_j w_j μ_j - w_{x_n} - w_{x_n} log μ_{x_n}``:
-
-        * by default, the masking-time estimator (:func:`sample_masking_time_corruption`): t is the masking time
-          of a uniformly chosen position (antithetic strata over the batch), ``L_k = (N / W(z_k)) Σ g``. The count
-          estimator does not apply (which positions are masked depends on their values), and t ~ U(0, 1) with the
-          1/t weight has a divergent second moment; this estimator has neither problem;
-        * with explicit ``timesteps``: two masks at that t, ``L_k = (1/t) Σ g``.
-
-        ``loss`` is the REINFORCE leave-one-out surrogate (:func:`reinforce_leave_one_out`, with the log-density
-        of each draw), ``elbo`` = ½(L1 + L2); both per scored token.
-        """
-        batch = ids.shape[0]
-        powers = self.powers
-        pair = dict(
-            ids=ids.repeat(2, 1),
-            scored=scored.repeat(2, 1),
-            attention_mask=None if attention_mask is None else attention_mask.repeat(2, 1),
-        )
+    def _check_timesteps(self, timesteps, ids: torch.Tensor) -> torch.Tensor | None:
+        """``forward``'s ``timesteps`` as ``(B,)`` float64 in (0, 1], or None."""
         if timesteps is None:
-            # Two independent antithetic sets: the two draws of a row must be independent for the LOO baseline.
-            strata = torch.cat(
-                [1.0 - sample_times(batch, generator=generator, device=ids.device, dtype=torch.float64) for _ in "12"]
+            return None
+        batch = ids.shape[0]
+        timesteps = torch.as_tensor(timesteps, device=ids.device, dtype=torch.float64)
+        if timesteps.dim() > 1 or timesteps.numel() not in (1, batch):
+            raise ValueError(
+                f"timesteps must be a scalar or have shape ({batch},) (one time per sequence), got "
+                f"{tuple(timesteps.shape)}."
             )
-            estimates, log_r, _, _, t = self._genmd4_sample(**pair, powers=powers, generator=generator, strata=strata)
-        else:
-            estimates, log_r, _, _, t = self._genmd4_sample(
-                **pair, powers=powers, generator=generator, t=timesteps.repeat(2)
-            )
-        per_sequence = estimates.view(2, batch)
-        log_r = log_r.to(per_sequence.dtype).view(2, batch)
-        surrogate = reinforce_leave_one_out(per_sequence[0], per_sequence[1], log_r[0], log_r[1])
-        num_tokens = scored.sum()
-        denom = num_tokens.clamp(min=1)
-        loss = surrogate.sum() / denom
-        elbo = (0.5 * per_sequence.sum(0)).sum().detach() / denom
-        w = powers.detach()
+        timesteps = timesteps.reshape(-1).expand(batch)
+        if bool((~((timesteps > 0) & (timesteps <= 1))).any()):
+            raise ValueError(f"timesteps must lie in (0, 1], got {timesteps.tolist()}.")
+        return timesteps
+
+    def _objective(
+        self, ids, scored, attention_mask, timesteps, generator, network_kwargs: dict
+    ) -> MDMPrimeDiffusionOutput:
+        """The estimator's training draw as an output; ``network_kwargs`` go to every :meth:`token_logits` call
+        (adapted models: ``attention_pattern``; image models: ``class_labels``)."""
+        terms = self.estimator.objective(
+            self.token_logits, ids, scored, attention_mask, timesteps, generator, self.config.loss_type,
+            **network_kwargs,
+        )  # fmt: skip
+        powers = {} if terms.powers is None else {
+            "power_max": terms.powers.max(), "power_min": terms.powers.min(), "power_mean": terms.powers.mean()
+        }  # fmt: skip
         return MDMPrimeDiffusionOutput(
-            loss=loss,
-            elbo=elbo,
-            paper_objective=elbo,  # ℓ = 1: the paper objective is the bound
-            timesteps=t[:batch].float(),
-            num_tokens=num_tokens,
-            power_max=w.max(),
-            power_min=w.min(),
-            power_mean=w.mean(),
+            loss=terms.loss,
+            elbo=terms.elbo,
+            paper_objective=terms.paper_objective,
+            timesteps=terms.timesteps,
+            num_tokens=terms.num_tokens,
+            **powers,
         )
 
     @torch.no_grad()
@@ -860,8 +691,6 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
         name of ``num_time_samples`` (everywhere else ``num_samples`` counts generated samples).
         """
         num_samples = time_samples_argument(num_time_samples, num_samples)
-        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
-            raise ValueError(f"num_steps must be a positive integer or None, got {num_steps!r}.")
         ids, real = self._prepare_tokens(input_ids, attention_mask)
         scored = real
         if scored_mask is not None:
@@ -870,160 +699,36 @@ class MDMPrimeForMaskedDiffusion(MDMPrimePreTrainedModel, MDMPrimeGenerationMixi
                     f"scored_mask shape {tuple(scored_mask.shape)} does not match input_ids {tuple(ids.shape)}."
                 )
             scored = real & scored_mask.bool()
-        row_generators = isinstance(generator, (list, tuple))
-        if row_generators and len(generator) != ids.shape[0]:
+        if isinstance(generator, (list, tuple)) and len(generator) != ids.shape[0]:
             raise ValueError(f"got {len(generator)} generators for {ids.shape[0]} rows; expected one per row.")
-        if self.state_dependent:
-            if scored_mask is not None or row_generators:
-                raise ValueError(
-                    "GenMD4 models (noise_schedule='learnable_polynomial') take neither scored_mask nor per-row "
-                    "generators: their masking-time estimator scores whole sequences."
-                )
-            return self._genmd4_nll_bound(ids, scored, attention_mask, num_samples, num_steps, generator)
-        batch, device = ids.shape[0], ids.device
-        schedule = self.noise_schedule.exact()
-        clean = self.codec.encode(ids, check=False)
-        if row_generators:
-            u = torch.cat([torch.rand(1, 1, generator=g, device=g.device, dtype=torch.float64) for g in generator])
-            u = u.to(device)
-        else:
-            u = torch.rand(batch, 1, generator=generator, device=device, dtype=torch.float64)
-        strata = torch.remainder(u + torch.arange(num_samples, device=device) / num_samples, 1.0)  # (B, K)
-        if num_steps is not None:
-            alphas = schedule.alpha(torch.arange(num_steps + 1, device=device, dtype=torch.float64) / num_steps)
-        valid_samples = torch.zeros(batch, num_samples, dtype=torch.float64, device=device)
-        prime_samples = torch.zeros_like(valid_samples)
+        return self._bound(ids, real, scored, attention_mask, num_samples, num_steps, generator, {})
+
+    def _bound(
+        self, ids, real, scored, attention_mask, num_samples: int, num_steps: int | None, generator, network_kwargs
+    ) -> MDMPrimeNLLOutput:
+        """The estimator's bound samples, in eval mode, as an output (``network_kwargs``: see :meth:`_objective`)."""
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+            raise ValueError(f"num_steps must be a positive integer or None, got {num_steps!r}.")
         was_training = self.training
         self.eval()  # a likelihood is a property of the model, not of a dropout mask
         try:
-            for k in range(num_samples):
-                if row_generators:
-                    noise = self._corrupt_rows(clean, scored, real, strata[:, k], schedule, generator, num_steps)
-                else:
-                    noise = self._corrupt(clean, scored, strata[:, k], schedule, generator, num_steps=num_steps)
-                masked = noise.masked
-                rows = masked.any(-1)
-                logits = self.token_logits(
-                    clean.masked_fill(masked, self.codec.mask_id), attention_mask, self._noise_level(noise.alpha), rows
-                )
-                row_batch = torch.arange(batch, device=device).unsqueeze(1).expand_as(rows)[rows]
-                if num_steps is None:
-                    valid, prime = diffusion_terms(logits, ids[rows], masked[rows], self.codec, self.config.carry_over)
-                    valid_samples[:, k].index_add_(0, row_batch, valid.double())
-                    prime_samples[:, k].index_add_(0, row_batch, prime.double())
-                    valid_samples[:, k] *= noise.weight
-                    prime_samples[:, k] *= noise.weight
-                else:
-                    # The reveal set is summed out exactly and, for a time-independent network, so is the step
-                    # given the number of masked digits (discrete_reveal_weights): far less variance than one
-                    # sampled step and reveal set times T.
-                    weights = discrete_reveal_weights(
-                        alphas,
-                        masked.sum((1, 2)),
-                        scored.sum(1) * self.codec.num_sub_tokens,
-                        self.codec.num_sub_tokens,
-                        steps=noise.step if self.config.time_conditioning else None,
-                    )
-                    terms = discrete_expected_step_terms(
-                        logits, ids[rows], masked[rows], weights[row_batch], self.codec, self.config.carry_over
-                    )
-                    valid_samples[:, k].index_add_(0, row_batch, terms)
+            samples = self.estimator.bound_samples(
+                self.token_logits, ids, scored, real, attention_mask, num_samples, num_steps, generator,
+                **network_kwargs,
+            )  # fmt: skip
         finally:
             self.train(was_training)
-
-        nll, nll_stderr = _mean_and_stderr(valid_samples)
-        prime, prime_stderr = _mean_and_stderr(prime_samples) if num_steps is None else (None, None)
+        nll, nll_stderr = mean_and_stderr(samples.nll)
+        prime, prime_stderr = (None, None)
+        if samples.paper_objective is not None:  # estimated from the same draws (continuous time)
+            prime, prime_stderr = mean_and_stderr(samples.paper_objective)
         return MDMPrimeNLLOutput(
             nll=nll,
             nll_stderr=nll_stderr,
             num_tokens=scored.sum(1),
             paper_objective=prime,
             paper_objective_stderr=prime_stderr,
-            nll_samples=valid_samples,
-        )
-
-    def _corrupt_rows(
-        self,
-        clean: torch.Tensor,
-        maskable: torch.Tensor,
-        real: torch.Tensor,
-        strata: torch.Tensor,
-        schedule: NoiseSchedule,
-        generators: Sequence[torch.Generator],
-        num_steps: int | None,
-    ) -> _Corruption:
-        """:meth:`_corrupt` with one generator per row, each drawing over its own row's real tokens only (so the
-        draws of a row do not depend on the other rows, the padding or the batch width)."""
-        masked = torch.zeros_like(clean, dtype=torch.bool)
-        rows = []
-        for b, g in enumerate(generators):
-            keep = real[b]
-            row = self._corrupt(
-                clean[b : b + 1, keep].to(g.device),
-                maskable[b : b + 1, keep].to(g.device),
-                strata[b : b + 1].to(g.device),
-                schedule,
-                g,
-                num_steps=num_steps,
-            )
-            masked[b, keep] = row.masked[0].to(clean.device)
-            rows.append(row)
-
-        def gather(name: str) -> torch.Tensor | None:
-            values = [getattr(row, name) for row in rows]
-            return None if values[0] is None else torch.cat(values).to(clean.device)
-
-        return _Corruption(masked, gather("weight"), gather("alpha"), gather("t"), gather("step"))
-
-    @torch.no_grad()
-    def _genmd4_nll_bound(
-        self,
-        ids: torch.Tensor,
-        scored: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        num_samples: int,
-        num_steps: int | None,
-        generator: torch.Generator | None,
-    ) -> MDMPrimeNLLOutput:
-        """:meth:`nll_bound` of a GenMD4 model, on the endpoint-exact schedule ``α_{t,i} = 1 - t^{w_i}``
-        (α(0) = 1, α(1) = 0 for every value: no prior and no reconstruction term is dropped or needed).
-
-        Continuous time: per sample, one draw of the masking-time estimator (stratified over the K samples:
-        :func:`sample_masking_time_corruption`), ``(N / W(z)) Σ_{masked n} [Σ_j w_j μ_j - w_x - w_x log μ_x]``,
-        unbiased with weights bounded by N / (|z| min w). Discrete time (T steps, t = i/T, s = (i-1)/T,
-        i ~ U{1..T}): ``T Σ_{masked n} KL_n`` with the per-position KL of the state-dependent reverse kernels in
-        closed form (:func:`genmd4_step_kl`), so the reveal sets need not be sampled. Both end points are exact.
-        """
-        batch, device = ids.shape[0], ids.device
-        powers = self.powers.detach()
-        u = torch.rand(batch, 1, generator=generator, device=device, dtype=torch.float64)
-        strata = torch.remainder(u + torch.arange(num_samples, device=device) / num_samples, 1.0)  # (B, K)
-        samples = torch.zeros(batch, num_samples, dtype=torch.float64, device=device)
-        was_training = self.training
-        self.eval()
-        try:
-            for k in range(num_samples):
-                if num_steps is None:
-                    estimate, *_ = self._genmd4_sample(
-                        ids, scored, attention_mask, powers, generator, strata=strata[:, k]
-                    )
-                    samples[:, k] = estimate.double()
-                else:
-                    step = torch.floor(strata[:, k] * num_steps) + 1
-                    t, s = step / num_steps, (step - 1) / num_steps
-                    _, _, masked, logits, _ = self._genmd4_sample(ids, scored, attention_mask, powers, generator, t=t)
-                    row_of = torch.arange(batch, device=device).unsqueeze(1).expand_as(masked)[masked]
-                    kl = genmd4_step_kl(logits.float().log_softmax(-1), ids[masked], powers, t[row_of], s[row_of])
-                    samples[:, k].index_add_(0, row_of, kl * num_steps)
-        finally:
-            self.train(was_training)
-        nll, nll_stderr = _mean_and_stderr(samples)
-        return MDMPrimeNLLOutput(
-            nll=nll,
-            nll_stderr=nll_stderr,
-            num_tokens=scored.sum(1),
-            paper_objective=nll if num_steps is None else None,  # ℓ = 1: the paper objective is the bound
-            paper_objective_stderr=nll_stderr if num_steps is None else None,
+            nll_samples=samples.nll,
         )
 
 
@@ -1040,14 +745,6 @@ def time_samples_argument(num_time_samples: int, num_samples: int | None) -> int
     if isinstance(num_time_samples, bool) or not isinstance(num_time_samples, int) or num_time_samples < 1:
         raise ValueError(f"num_time_samples must be a positive integer, got {num_time_samples!r}.")
     return num_time_samples
-
-
-def _mean_and_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, K)`` Monte-Carlo samples -> their ``(B,)`` means and standard errors (NaN for K = 1)."""
-    num_samples = samples.shape[1]
-    if num_samples > 1:
-        return samples.mean(1), samples.std(1) / math.sqrt(num_samples)
-    return samples.mean(1), torch.full_like(samples[:, 0], float("nan"))
 
 
 # save_pretrained copies this file and every file it imports next to the weights (trust_remote_code); the

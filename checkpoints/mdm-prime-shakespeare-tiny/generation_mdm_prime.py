@@ -13,7 +13,7 @@ import copy
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig
@@ -304,6 +304,7 @@ class _DenoisingLoop:
     iteration: int = 0
     history: list | None = None
     streaming: _StreamState | None = None
+    network_kwargs: dict = field(default_factory=dict)  # extra inputs of every network call
 
     @property
     def running(self) -> torch.Tensor:
@@ -624,7 +625,7 @@ class MDMPrimeGenerationMixin:
         ``noise_level`` ``(B,)`` is what a time-conditioned network is told."""
         noise_level = noise_level.float() if self.config.time_conditioning else None
         logits = self.token_logits(
-            loop.y, attention_mask=loop.network_mask, noise_level=noise_level, positions=scored, check_inputs=False
+            loop.y, loop.network_mask, noise_level, scored, check_inputs=False, **loop.network_kwargs
         ).float()
         allowed = self.codec.consistency_mask(loop.y[scored], check=False)
         log_probs = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
@@ -723,6 +724,7 @@ class MDMPrimeGenerationMixin:
         seed: int | None = None,
         step_callback: Callable[[MDMPrimeSamplerState], bool | None] | None = None,
         strategy: str | SamplerStrategy | None = None,
+        network_kwargs: dict | None = None,
         **kwargs,
     ) -> torch.LongTensor | MDMPrimeGenerateOutput:
         r"""Generate by iterative sub-token unmasking (docs/guides/generation.md).
@@ -758,6 +760,9 @@ class MDMPrimeGenerationMixin:
                 a :class:`SamplerStrategy` object (your own subclass, or e.g. ``ThresholdStrategy(0.8, "margin")``).
                 GenMD4 models (``noise_schedule="learnable_polynomial"``) run ``"ancestral"`` as
                 :class:`StateDependentStrategy`, its exact counterpart for state-dependent schedules.
+            network_kwargs: extra inputs of every network call (``token_logits``), like diffusers'
+                ``cross_attention_kwargs``; the image model passes its ``class_labels`` and ``guidance_scale`` here.
+                Per-row tensors must already have one row per output row (``num_return_sequences`` included).
 
         Batched = one at a time: in float32, each row equals its single-prompt output exactly. In bfloat16 or
         float16 the noise is still per row, but the network's rounding depends on the batch shape (padding,
@@ -805,6 +810,7 @@ class MDMPrimeGenerationMixin:
 
         # 3. The denoising loop.
         loop = self._start_loop(canvas, config, strategy, self._logits_processors(config, logits_processor), streamer)
+        loop.network_kwargs = dict(network_kwargs or {})
         while bool(loop.running.any()):
             t, s = strategy.times(loop.step)
             self._denoising_step(loop)
