@@ -124,16 +124,22 @@ class OracleModel(MDMPrimeForMaskedDiffusion):
         self.sequences, self.probs = sequences, probs
 
     def token_logits(self, sub_ids, attention_mask=None, noise_level=None, positions=None, check_inputs=True):
-        allowed = self.codec.consistency_mask(sub_ids).double()  # (B, L, C)
-        batch, length, vocab = allowed.shape
-        weight = self.probs.expand(batch, -1).clone()  # (B, S)
-        for i in range(length):
-            weight *= allowed[:, i].index_select(1, self.sequences[:, i])
-        marginals = torch.zeros(batch, length, vocab, dtype=torch.float64)
-        for i in range(length):
-            marginals[:, i].index_add_(1, self.sequences[:, i], weight)
-        logits = marginals.log().float()
-        return logits if positions is None else logits[positions]
+        return oracle_logits(self.codec, self.sequences, self.probs, sub_ids, positions)
+
+
+def oracle_logits(codec, sequences: torch.Tensor, probs: torch.Tensor, sub_ids: torch.Tensor, positions=None):
+    """The exact conditionals ``log p(x_i | y_t)`` ``(B, L, C)`` (or ``(N, C)`` at ``positions``) of the distribution
+    ``probs`` over ``sequences`` ``(S, L)``, given partially masked digits ``sub_ids`` ``(B, L, ℓ)``."""
+    allowed = codec.consistency_mask(sub_ids).double()  # (B, L, C)
+    batch, length, vocab = allowed.shape
+    weight = probs.expand(batch, -1).clone()  # (B, S)
+    for i in range(length):
+        weight *= allowed[:, i].index_select(1, sequences[:, i])
+    marginals = torch.zeros(batch, length, vocab, dtype=torch.float64)
+    for i in range(length):
+        marginals[:, i].index_add_(1, sequences[:, i], weight)
+    logits = marginals.log().float()
+    return logits if positions is None else logits[positions]
 
 
 def oracle_config(vocab: int, ell: int) -> MDMPrimeConfig:
