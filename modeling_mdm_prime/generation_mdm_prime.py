@@ -241,7 +241,8 @@ class MDMPrimeGenerateOutput(ModelOutput):
         idle_steps: ``(B · num_return_sequences,)`` steps of each row in which the row did not change.
         row_nfe: ``(B · num_return_sequences,)`` network evaluations that scored each row (what the row would
             cost alone; adaptive strategies make it differ between rows).
-        history: per step, the ``(B · n, L, ℓ)`` sub-tokens after it (with ``output_history``).
+        history: per step, the ``(B · n, L, ℓ)`` sub-tokens after it (with ``output_history``); after an early
+            stop, also after the final fill pass.
     """
 
     sequences: torch.LongTensor | None = None
@@ -255,11 +256,16 @@ class MDMPrimeGenerateOutput(ModelOutput):
 @dataclass
 class MDMPrimeSamplerState:
     """What a ``step_callback`` sees after each step; return True from the callback to stop early (the
-    remaining masked sub-tokens are then filled in one final pass at each row's current noise level).
+    remaining masked sub-tokens are then filled in one final pass at each row's current noise level). A step
+    streamer (an object with ``put_step``) gets the same states, plus the initial canvas (``step=0``) and the
+    state after an early stop's fill pass (``final_fill=True``).
 
     Args:
         step: steps run so far. t, s: ``(B,)`` each row's time before and after this step (within its block).
         sub_ids: ``(B, L, ℓ)`` the digits after this step. nfe: network evaluations so far.
+        fixed: ``(B, L, ℓ)`` bool, the digits that never change (prompt, template, conditioning).
+        attention_mask: ``(B, L)`` bool, the real positions (False: padding).
+        final_fill: True for the state after an early stop's one-pass fill.
     """
 
     step: int
@@ -267,6 +273,9 @@ class MDMPrimeSamplerState:
     s: torch.Tensor
     sub_ids: torch.Tensor
     nfe: int
+    fixed: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    final_fill: bool = False
 
 
 @dataclass
@@ -305,6 +314,8 @@ class _DenoisingLoop:
     history: list | None = None
     streaming: _StreamState | None = None
     network_kwargs: dict = field(default_factory=dict)  # extra inputs of every network call
+    token_sets: torch.Tensor | None = None  # (K, C) bool, allowed tokens of each constraint
+    token_set_ids: torch.Tensor | None = None  # (B, L) long, the constraint of each position
 
     @property
     def running(self) -> torch.Tensor:
@@ -628,6 +639,10 @@ class MDMPrimeGenerationMixin:
             loop.y, loop.network_mask, noise_level, scored, check_inputs=False, **loop.network_kwargs
         ).float()
         allowed = self.codec.consistency_mask(loop.y[scored], check=False)
+        if loop.token_sets is not None:
+            # Constrained positions draw only from their set; digits are revealed from the constrained
+            # distribution's marginals, so a partly revealed token always keeps an allowed completion.
+            allowed &= loop.token_sets[loop.token_set_ids[scored]]
         log_probs = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
         row_of = torch.arange(loop.y.shape[0], device=loop.y.device).unsqueeze(1).expand_as(scored)[scored]
         if loop.processors:
@@ -684,6 +699,39 @@ class MDMPrimeGenerationMixin:
         loop.nfe += 1
         loop.row_nfe += scored.any(1)
 
+    def _check_token_sets(self, token_sets, token_set_ids, canvas: _Canvas) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate a constraint against the canvas: shapes, index range, and that every generated position
+        can still become one of its allowed tokens given the digits it already has."""
+        if token_sets is None or token_set_ids is None:
+            raise ValueError("token_sets and token_set_ids go together: pass both or neither.")
+        rows, length = canvas.real.shape
+        if token_sets.dtype != torch.bool or token_sets.dim() != 2 or token_sets.shape[1] != self.codec.vocab_size:
+            raise ValueError(
+                f"token_sets must be a (K, {self.codec.vocab_size}) bool tensor (one row per allowed vocabulary), "
+                f"got {tuple(token_sets.shape)} {token_sets.dtype}."
+            )
+        if token_set_ids.dtype != torch.long or tuple(token_set_ids.shape) != (rows, length):
+            raise ValueError(
+                f"token_set_ids must be a ({rows}, {length}) long tensor: one set index per position of the canvas "
+                f"(output rows × positions, prompt and padding included), got {tuple(token_set_ids.shape)} "
+                f"{token_set_ids.dtype}."
+            )
+        if token_set_ids.numel() and (int(token_set_ids.min()) < 0 or int(token_set_ids.max()) >= len(token_sets)):
+            raise ValueError(f"token_set_ids must index token_sets, i.e. lie in [0, {len(token_sets)}).")
+        device = canvas.sub_ids.device
+        token_sets, token_set_ids = token_sets.to(device), token_set_ids.to(device)
+        generated = canvas.generated
+        possible = (token_sets[token_set_ids[generated]] & self.codec.consistency_mask(canvas.sub_ids[generated])).any(
+            -1
+        )
+        if not bool(possible.all()):
+            row, position = generated.nonzero()[(~possible).nonzero()[0, 0]].tolist()
+            raise ValueError(
+                f"row {row}, position {position}: no token of its set (token_sets[{int(token_set_ids[row, position])}])"
+                " agrees with the digits it already has; the constraint cannot be met."
+            )
+        return token_sets, token_set_ids
+
     def _decided_tokens(self, y, canvas, config) -> torch.Tensor:
         decided = (y != self.codec.mask_id).all(-1) & canvas.real
         digits = y.masked_fill(~decided.unsqueeze(-1), 0)
@@ -725,6 +773,8 @@ class MDMPrimeGenerationMixin:
         step_callback: Callable[[MDMPrimeSamplerState], bool | None] | None = None,
         strategy: str | SamplerStrategy | None = None,
         network_kwargs: dict | None = None,
+        token_sets: torch.Tensor | None = None,
+        token_set_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.LongTensor | MDMPrimeGenerateOutput:
         r"""Generate by iterative sub-token unmasking (docs/guides/generation.md).
@@ -748,7 +798,10 @@ class MDMPrimeGenerationMixin:
                 updated (``input_ids`` given to them is ``(N, L)``: each position's sequence, undecided tokens
                 as ``pad_token_id``), before temperature / top-k / top-p.
             streamer: e.g. ``TextStreamer`` (batch size 1): tokens are pushed in position order as soon as
-                every position before them is decided.
+                every position before them is decided. A *step streamer*, an object with ``put_step(state)`` and
+                ``end()``, instead receives the whole canvas (any batch size) as an :class:`MDMPrimeSamplerState`:
+                the initial one, then after every step exactly what ``output_history`` records
+                (``modeling_mdm_prime.tools.unmasking_view.UnmaskingRecorder`` renders it).
             generator / seed: reproducibility. Each output row draws its noise from a stream keyed by (seed, its
                 own prompt or template, the number of earlier rows in the batch with the same prompt, its index
                 among ``num_return_sequences``), counted by step and by position among the row's real tokens.
@@ -763,6 +816,13 @@ class MDMPrimeGenerationMixin:
             network_kwargs: extra inputs of every network call (``token_logits``), like diffusers'
                 ``cross_attention_kwargs``; the image model passes its ``class_labels`` and ``guidance_scale`` here.
                 Per-row tensors must already have one row per output row (``num_return_sequences`` included).
+            token_sets / token_set_ids: constrained infilling. ``token_sets`` ``(K, C)`` bool lists K allowed
+                vocabularies; ``token_set_ids`` ``(B · n, L)`` long gives each position of the canvas (prompt
+                and padding included, one row per output row) the index of its set. Every generated token at
+                position p of row b is then drawn from ``softmax(logits)`` restricted to
+                ``token_sets[token_set_ids[b, p]]`` (and to the tokens consistent with its revealed digits): a
+                per-position form of transformers' ``prefix_allowed_tokens_fn``. A set of all True leaves a
+                position free. Used for structured output by infilling (a JSON template with typed holes).
 
         Batched = one at a time: in float32, each row equals its single-prompt output exactly. In bfloat16 or
         float16 the noise is still per row, but the network's rounding depends on the batch shape (padding,
@@ -805,25 +865,46 @@ class MDMPrimeGenerationMixin:
 
         # 2. Canvas.
         canvas = self._prepare_canvas(input_ids, attention_mask, infill_mask, sub_token_ids, config, from_call, seed)
-        if streamer is not None and canvas.sub_ids.shape[0] != 1:
-            raise ValueError(f"streamers handle one sequence at a time; this call generates {canvas.sub_ids.shape[0]}.")
+        step_streamer = streamer if callable(getattr(streamer, "put_step", None)) else None
+        if streamer is not None and step_streamer is None and canvas.sub_ids.shape[0] != 1:
+            raise ValueError(
+                f"token streamers handle one sequence at a time; this call generates {canvas.sub_ids.shape[0]} "
+                "(a step streamer, with put_step, takes any batch)."
+            )
 
         # 3. The denoising loop.
-        loop = self._start_loop(canvas, config, strategy, self._logits_processors(config, logits_processor), streamer)
+        processors = self._logits_processors(config, logits_processor)
+        loop = self._start_loop(canvas, config, strategy, processors, None if step_streamer else streamer)
         loop.network_kwargs = dict(network_kwargs or {})
+        if token_sets is not None or token_set_ids is not None:
+            loop.token_sets, loop.token_set_ids = self._check_token_sets(token_sets, token_set_ids, canvas)
+
+        def state(t: torch.Tensor, s: torch.Tensor, final_fill: bool = False) -> MDMPrimeSamplerState:
+            return MDMPrimeSamplerState(loop.iteration, t, s, loop.y, loop.nfe, canvas.fixed, canvas.real, final_fill)
+
+        if step_streamer is not None:
+            start, _ = strategy.times(loop.step)
+            step_streamer.put_step(state(start, start))
         while bool(loop.running.any()):
             t, s = strategy.times(loop.step)
             self._denoising_step(loop)
-            if step_callback is not None and step_callback(
-                MDMPrimeSamplerState(loop.iteration, t, s, loop.y, loop.nfe)
-            ):
+            after = state(t, s)
+            if step_streamer is not None:
+                step_streamer.put_step(after)
+            if step_callback is not None and step_callback(after):
                 self._fill_remaining(loop)
+                if loop.history is not None:
+                    loop.history.append(loop.y.clone())
+                if step_streamer is not None:
+                    step_streamer.put_step(state(s, s, final_fill=True))
                 break
 
         # 4. Finalisation.
         sequences = self._finalize(loop.y, canvas, config)
         if loop.streaming is not None:
             loop.streaming.finish(sequences)
+        if step_streamer is not None:
+            step_streamer.end()
         if not config.return_dict_in_generate:
             return sequences
         return MDMPrimeGenerateOutput(

@@ -14,6 +14,8 @@ machine around a model:
 ``image_data``        image datasets (digits, MNIST) and sample grids
 ``image_metrics``     Fréchet distances of image samples
 ``lm_eval_adapter``   the ``mdm_prime`` model of lm-evaluation-harness
+``unmasking_view``    a step streamer for ``generate(streamer=...)`` and its views: terminal (rich), HTML, GIF
+``serving``           templates with holes, JSON-schema templates, the batching engine of ``examples/serve.py``
 ==================  =============================================================================================
 
 The publishing API is re-exported here: ``from modeling_mdm_prime.tools import publish_checkpoint``.
