@@ -33,8 +33,7 @@ import httpx
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from modeling_mdm_prime.tools.cli import option_strings
-from modeling_mdm_prime.tools.serving import default_model_path
+from modeling_mdm_prime.tools.cli import add_demo_model_argument, option_strings
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["ROMEO:", "JULIET:", "NURSE:", "MERCUTIO:", "TYBALT:", "BENVOLIO:", "FRIAR LAURENCE:", "CAPULET:"]
@@ -42,9 +41,7 @@ PROMPTS = ["ROMEO:", "JULIET:", "NURSE:", "MERCUTIO:", "TYBALT:", "BENVOLIO:", "
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(*option_strings("model_name_or_path"), default=str(default_model_path(REPO)),
-                   help="checkpoint folder (default: outputs/smollm2-mdm if built, else the tiny "
-                   "reference)")  # fmt: skip
+    add_demo_model_argument(p, REPO)
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated numbers of concurrent clients")
     p.add_argument(*option_strings("num_requests"), type=int, default=32, help="requests per wave")
     p.add_argument(*option_strings("max_tokens"), type=int, default=32, help="tokens per answer")

@@ -23,8 +23,8 @@ import gradio as gr
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from modeling_mdm_prime.tools.cli import option_strings
-from modeling_mdm_prime.tools.serving import TemplateError, default_model_path, infill_template
+from modeling_mdm_prime.tools.cli import add_demo_model_argument
+from modeling_mdm_prime.tools.serving import TemplateError, infill_template
 from modeling_mdm_prime.tools.unmasking_view import UnmaskingRecorder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,9 +142,7 @@ def build_demo(model, tokenizer) -> gr.Blocks:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(*option_strings("model_name_or_path"), default=str(default_model_path(REPO)),
-                   help="checkpoint folder or Hub id (default: outputs/smollm2-mdm if built, else the tiny "
-                   "reference)")  # fmt: skip
+    add_demo_model_argument(p, REPO)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860, help="TCP port")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")

@@ -45,14 +45,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModel, AutoTokenizer
 
-from modeling_mdm_prime.tools.cli import option_strings
+from modeling_mdm_prime.tools.cli import add_demo_model_argument, option_strings
 from modeling_mdm_prime.tools.serving import (
     BatchingEngine,
     Job,
     Settings,
     TemplateError,
     completion_template,
-    default_model_path,
     infill_template,
     json_schema_template,
     truncate_at_stop,
@@ -257,6 +256,19 @@ def create_app(model, tokenizer, model_id: str, limits: Limits, tick_s: float = 
         return {"nfe": [r.nfe for r in results], "num_steps": [r.num_steps for r in results],
                 "seed": [r.seed for r in results]}  # fmt: skip
 
+    def respond(body: DiffusionFields, kind: str, templates, results, stop: list[str], content) -> dict:
+        """A non-streamed response: one choice per row, ``content(index, text)`` its text field."""
+        choices = []
+        for i, result in enumerate(results):
+            text, reason = finish(result, stop)
+            choices.append({"index": i, **content(i, text), "finish_reason": reason, "logprobs": None})
+        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+        response = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                    "model": model_id, "choices": choices, "usage": usage(templates, results)}  # fmt: skip
+        if body.return_steps:
+            response["mdm_prime"] = extension(results)
+        return response
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         max_tokens, settings, stop = check_common(body)
@@ -273,16 +285,8 @@ def create_app(model, tokenizer, model_id: str, limits: Limits, tick_s: float = 
         if body.stream:
             return stream(job, body, stop, "text_completion", echo)
         results = await run(job)
-        choices = []
-        for i, result in enumerate(results):
-            text, reason = finish(result, stop)
-            choices.append({"index": i, "text": (echo[i] if echo else "") + text, "finish_reason": reason,
-                            "logprobs": None})  # fmt: skip
-        response = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                    "model": model_id, "choices": choices, "usage": usage(templates, results)}  # fmt: skip
-        if body.return_steps:
-            response["mdm_prime"] = extension(results)
-        return response
+        return respond(body, "text_completion", templates, results, stop,
+                       lambda i, text: {"text": (echo[i] if echo else "") + text})  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
@@ -298,16 +302,8 @@ def create_app(model, tokenizer, model_id: str, limits: Limits, tick_s: float = 
         if body.stream:
             return stream(job, body, stop, "chat.completion.chunk", None)
         results = await run(job)
-        choices = []
-        for i, result in enumerate(results):
-            text, reason = finish(result, stop)
-            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                            "logprobs": None})  # fmt: skip
-        response = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                    "model": model_id, "choices": choices, "usage": usage(templates, results)}  # fmt: skip
-        if body.return_steps:
-            response["mdm_prime"] = extension(results)
-        return response
+        return respond(body, "chat.completion", templates, results, stop,
+                       lambda i, text: {"message": {"role": "assistant", "content": text}})  # fmt: skip
 
     def stream(job: Job, body: DiffusionFields, stop: list[str], kind: str, echo: list[str] | None):
         """Server-sent events: a chunk per piece of final text (and per step with return_steps), then one chunk
@@ -401,9 +397,7 @@ def create_app(model, tokenizer, model_id: str, limits: Limits, tick_s: float = 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(*option_strings("model_name_or_path"), default=str(default_model_path(REPO)),
-                   help="checkpoint folder or Hub id (default: outputs/smollm2-mdm if built, else the tiny "
-                   "reference)")  # fmt: skip
+    add_demo_model_argument(p, REPO)
     p.add_argument("--model_id", default=None, help="the name clients use (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")

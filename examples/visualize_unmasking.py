@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from modeling_mdm_prime.tools.cli import option_strings
-from modeling_mdm_prime.tools.serving import default_model_path, infill_template
+from modeling_mdm_prime.tools.cli import add_demo_model_argument, option_strings
+from modeling_mdm_prime.tools.serving import infill_template
 from modeling_mdm_prime.tools.unmasking_view import RichUnmaskingStreamer, UnmaskingRecorder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,9 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(*option_strings("model_name_or_path"), default=str(default_model_path(REPO)),
-                   help="checkpoint folder or Hub id (default: outputs/smollm2-mdm if built, else the tiny "
-                   "reference)")  # fmt: skip
+    add_demo_model_argument(p, REPO)
     p.add_argument("--prompt", default="ROMEO:", help="text to continue")
     p.add_argument("--template", default=None, help="text with [MASK] / [MASK:n] holes to fill (instead of --prompt)")
     p.add_argument(*option_strings("max_new_tokens"), type=int, default=48, help="tokens to generate after --prompt")

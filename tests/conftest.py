@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # An accidental Hub id must fail at once instead of retrying for a minute.
@@ -179,3 +180,40 @@ def fresh_python():
     yield run
     for worker in workers.values():
         worker.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_process(command: list[str], ready_url: str, timeout: float = 120.0):
+    """Run a server (``command``, one thread per process) until ``ready_url`` answers 200; stop it afterwards."""
+    import subprocess
+    import time
+
+    import httpx
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{command[1]} exited: {process.stdout.read()}")
+            try:
+                if httpx.get(ready_url, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{command[1]} did not answer {ready_url} within {timeout:.0f} s")
+            time.sleep(0.2)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

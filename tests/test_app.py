@@ -3,16 +3,14 @@ by Playwright. It types a prompt, generates, checks the result against a lone ``
 replays step 0, fills a template's holes, and writes a screenshot (``$MDM_PRIME_ARTIFACTS`` or the test's folder)."""
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from transformers import AutoModel, AutoTokenizer
 
 from browser import browser_page
+from conftest import free_port, http_process
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("gradio")
@@ -21,37 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "checkpoints" / "mdm-prime-shakespeare-tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url():
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    port = free_port()
     command = [sys.executable, str(REPO / "examples" / "app.py"), "--model_name_or_path", str(REFERENCE),
                "--port", str(port)]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the app exited: {process.stdout.read()}")
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the app did not start within 120 s")
-            time.sleep(0.2)
+    with http_process(command, url):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def _wait_for_run(page, previous: str = "") -> str:

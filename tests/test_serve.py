@@ -5,12 +5,8 @@ constrained generation (``token_sets``), typed token classes, JSON templates and
 
 import asyncio
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import GPT2_TOKENIZER, tiny_model
+from conftest import GPT2_TOKENIZER, free_port, http_process, tiny_model
 from modeling_mdm_prime.tools.serving import (
     BOOLEAN,
     FREE,
@@ -50,12 +46,6 @@ CHAT_TEMPLATE = (
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("serve") / MODEL_ID
@@ -68,29 +58,12 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    port = free_port()
     command = [sys.executable, str(REPO / "examples" / "serve.py"), "--model_name_or_path", str(checkpoint),
                "--port", str(port), "--max_tokens", "64", "--max_batch_size", "8", "--tick_ms", "200"]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {process.stdout.read()}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not start within 120 s")
-            time.sleep(0.2)
+    with http_process(command, base + "/health"):
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,17 @@ def add_card_dataset_argument(parser: argparse.ArgumentParser | argparse._Argume
     )  # fmt: skip
 
 
+def add_demo_model_argument(parser: argparse.ArgumentParser, repo: Path) -> None:
+    """``--model_name_or_path`` of the demos and the server: the adapted SmolLM2 when built, else the tiny reference
+    checkpoint (``tools.serving.default_model_path``)."""
+    from .serving import default_model_path
+
+    parser.add_argument(
+        *option_strings("model_name_or_path"), default=str(default_model_path(repo)),
+        help="checkpoint folder or Hub id (default: outputs/smollm2-mdm if built, else the tiny reference)",
+    )  # fmt: skip
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, output_dir: Path, seed_help: str) -> None:
     """``--tiny``, ``--output_dir`` and ``--seed``, which every sized benchmark takes."""
     parser.add_argument("--tiny", action="store_true", help="smoke-test configuration")
