@@ -16,6 +16,7 @@ machine around a model:
 ``lm_eval_adapter``   the ``mdm_prime`` model of lm-evaluation-harness
 ``unmasking_view``    a step streamer for ``generate(streamer=...)`` and its views: terminal (rich), HTML, GIF
 ``serving``           templates with holes, JSON-schema templates, the batching engine of ``examples/serve.py``
+``rl_likelihood``     ``log π(completion | prompt)`` estimators for RL and the exact ELBO by enumeration
 ==================  =============================================================================================
 
 The publishing API is re-exported here: ``from modeling_mdm_prime.tools import publish_checkpoint``.

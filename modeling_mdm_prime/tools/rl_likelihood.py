@@ -1,0 +1,250 @@
+"""Sequence log-likelihood estimators for reinforcement learning: ``log π(completion | prompt)`` of a masked
+diffusion model, differentiable, behind one interface, and the exact value they estimate (by enumeration) to
+check them against. Not shipped as remote code.
+
+Policy-gradient methods for diffusion LMs (d1 / diffu-GRPO, coupled-GRPO, SPG, wd1, VRPO) need a log-likelihood
+that the model cannot compute exactly; each uses an estimator. Here (docs/guides/rl.md):
+
+* ``elbo``: the count estimator of ``nll_bound`` with the prompt clean: k of the N completion digits masked,
+  k ~ U{1..N}, weight N/k; one network call per sample. Unbiased for the ELBO, a lower bound on log π.
+* ``coupled``: a uniform k-subset M of the digits and its complement (k ~ U{1..N-1}), weights N/k and N/(N-k), plus
+  the fully masked term once: coupled-GRPO's complementary masks, made unbiased for the same ELBO (every digit is
+  scored once per pair); two calls per sample and one shared.
+* ``one_pass``: d1's estimate, every completion token scored once with the whole completion masked,
+  ``Σ_i log p_θ(x_i | prompt)``; one call, no randomness. Biased and not a bound (``lower_bound=False``).
+
+The ELBO here is the valid bound of docs/concepts/honest-likelihoods.md conditioned on a clean prompt:
+``ELBO = -(1/N) Σ_{k=1}^{N} E_{|M|=k}[(N/k) Σ_{i ∈ M} ℓ_i(M)]``, with ``ℓ_i`` the digit terms of
+``losses_mdm_prime.diffusion_terms``. :func:`exact_elbo` computes it by enumerating every mask (small N only).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..losses_mdm_prime import diffusion_terms
+
+ESTIMATORS = ("elbo", "coupled", "one_pass")
+MAX_ENUMERATED_DIGITS = 16
+
+
+@dataclass
+class LikelihoodEstimate:
+    """``log_likelihood`` ``(B,)`` the mean of the ``samples`` ``(B, K)`` (differentiable), ``stderr`` ``(B,)``
+    (NaN for one sample), ``nfe`` the network calls made, ``lower_bound`` whether the estimated quantity is a
+    lower bound on ``log π(completion | prompt)`` (the ELBO) rather than a biased surrogate."""
+
+    log_likelihood: torch.Tensor
+    samples: torch.Tensor
+    stderr: torch.Tensor
+    nfe: int
+    lower_bound: bool
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor  # (B, L) prompt then completion, padding replaced by a valid id
+    real: torch.Tensor  # (B, L) bool
+    scored: torch.Tensor  # (B, L) bool, the completion's real tokens
+    attention_mask: torch.Tensor | None
+
+
+def _check_padding(mask: torch.Tensor, side: str, name: str) -> None:
+    """Left padding: zeros then ones in every row; right padding: ones then zeros."""
+    mask = mask.long()
+    ordered = mask.cummax(1).values if side == "left" else mask.flip(1).cummax(1).values.flip(1)
+    if not torch.equal(ordered, mask):
+        row = int((ordered != mask).any(1).nonzero()[0])
+        raise ValueError(
+            f"{name} row {row} is not {side}-padded: prompts must be left-padded and completions right-padded, so "
+            "that prompt and completion meet in the middle of the canvas."
+        )
+
+
+def prepare_batch(model, prompt_ids, completion_ids, prompt_attention_mask=None, completion_mask=None) -> _Batch:
+    """Validate and join ``prompt_ids`` ``(B, P)`` (left-padded) and ``completion_ids`` ``(B, A)`` (right-padded)
+    into one canvas; the completion's real tokens are the scored ones."""
+    if getattr(model, "state_dependent", False):
+        raise ValueError(
+            "GenMD4 models (noise_schedule='learnable_polynomial') have no conditional bound with a clean prompt "
+            "(their masking-time estimator scores whole sequences), so none of these estimators applies to them."
+        )
+    if prompt_ids.dim() != 2 or completion_ids.dim() != 2 or prompt_ids.shape[0] != completion_ids.shape[0]:
+        raise ValueError(
+            f"prompt_ids (B, P) and completion_ids (B, A) with the same B, got {tuple(prompt_ids.shape)} and "
+            f"{tuple(completion_ids.shape)}."
+        )
+    prompt_real = (
+        torch.ones_like(prompt_ids, dtype=torch.bool) if prompt_attention_mask is None else prompt_attention_mask.bool()
+    )
+    done = torch.ones_like(completion_ids, dtype=torch.bool) if completion_mask is None else completion_mask.bool()
+    _check_padding(prompt_real, "left", "prompt_attention_mask")
+    _check_padding(done, "right", "completion_mask")
+    if not bool(done.any(1).all()):
+        raise ValueError("every row needs at least one completion token to score.")
+    length = prompt_ids.shape[1] + completion_ids.shape[1]
+    if length > model.config.max_position_embeddings:
+        raise ValueError(
+            f"prompt plus completion is {length} positions, more than the model's canvas "
+            f"(max_position_embeddings={model.config.max_position_embeddings}); shorten the completion or the prompt."
+        )
+    ids = torch.cat([prompt_ids, completion_ids], 1).to(model.device)
+    real = torch.cat([prompt_real, done], 1).to(model.device)
+    model.codec.check_ids(ids[real])
+    scored = torch.cat([torch.zeros_like(prompt_real), done], 1).to(model.device)
+    ids = ids.masked_fill(~real, 0)
+    return _Batch(ids, real, scored, None if bool(real.all()) else real.long())
+
+
+def _terms(model, clean, masked, batch: _Batch, noise_level=None) -> torch.Tensor:
+    """``(B,)`` Σ over positions of the valid-bound digit terms ``ℓ_i`` for the given ``masked`` digits."""
+    codec = model.codec
+    rows = masked.any(-1)
+    out = torch.zeros(clean.shape[0], dtype=torch.float64, device=clean.device)
+    if not bool(rows.any()):
+        return out
+    logits = model.token_logits(clean.masked_fill(masked, codec.mask_id), batch.attention_mask, noise_level, rows,
+                                check_inputs=False)  # fmt: skip
+    valid, _ = diffusion_terms(logits, batch.ids[rows], masked[rows], codec, model.config.carry_over)
+    row_of = torch.arange(clean.shape[0], device=clean.device).unsqueeze(1).expand_as(rows)[rows]
+    return out.index_add(0, row_of, valid.double())
+
+
+def _one_pass(model, clean, batch: _Batch) -> torch.Tensor:
+    """``(B,)`` d1's ``Σ_i log p_θ(x_i | prompt, completion masked)`` (token-level, the paper objective's term)."""
+    masked = batch.scored.unsqueeze(-1).expand_as(clean)
+    logits = model.token_logits(clean.masked_fill(masked, model.codec.mask_id), batch.attention_mask,
+                                _noise_level(model, clean.shape[0], 1.0, clean.device), batch.scored,
+                                check_inputs=False)  # fmt: skip
+    _, prime = diffusion_terms(
+        logits, batch.ids[batch.scored], masked[batch.scored], model.codec, model.config.carry_over
+    )
+    row_of = torch.arange(clean.shape[0], device=clean.device).unsqueeze(1).expand_as(batch.scored)[batch.scored]
+    return -torch.zeros(clean.shape[0], dtype=torch.float64, device=clean.device).index_add(0, row_of, prime.double())
+
+
+def _noise_level(model, batch: int, value: float, device) -> torch.Tensor | None:
+    return torch.full((batch,), value, device=device) if model.config.time_conditioning else None
+
+
+def _random_subsets(scored_digits: torch.Tensor, counts: torch.Tensor, generator) -> torch.Tensor:
+    """``(B, L, ℓ)`` bool: per row a uniform subset of ``counts[b]`` of the row's ``scored_digits``."""
+    keys = torch.rand(scored_digits.shape, generator=generator, device=scored_digits.device)
+    keys = keys.masked_fill(~scored_digits, 2.0)  # never chosen
+    rank = keys.flatten(1).argsort(1).argsort(1).view_as(keys)
+    return (rank < counts.view(-1, 1, 1)) & scored_digits
+
+
+def sequence_log_likelihood(
+    model,
+    prompt_ids: torch.Tensor,
+    completion_ids: torch.Tensor,
+    *,
+    prompt_attention_mask: torch.Tensor | None = None,
+    completion_mask: torch.Tensor | None = None,
+    estimator: str = "elbo",
+    num_samples: int = 4,
+    generator: torch.Generator | None = None,
+) -> LikelihoodEstimate:
+    """Estimate ``log π(completion | prompt)`` per row, differentiably (gradients flow into the model).
+
+    Args:
+        prompt_ids: ``(B, P)``, left-padded (``prompt_attention_mask``); completion_ids: ``(B, A)``, right-padded
+            (``completion_mask``: 1 for the completion's tokens, including a final EOS if it is part of it).
+        estimator: ``"elbo"``, ``"coupled"`` or ``"one_pass"`` (module docstring).
+        num_samples: Monte-Carlo samples K per row (``one_pass`` is deterministic and takes 1).
+    Returns:
+        :class:`LikelihoodEstimate`. The model's mode (train / eval) is left as it is: RL computes ratios with
+        and without dropout as its recipe says.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    batch = prepare_batch(model, prompt_ids, completion_ids, prompt_attention_mask, completion_mask)
+    clean = model.codec.encode(batch.ids, check=False)
+    size = clean.shape[0]
+    if estimator == "one_pass":
+        value = _one_pass(model, clean, batch)
+        samples = value.unsqueeze(1)
+        return LikelihoodEstimate(value, samples, torch.full_like(value, float("nan")), 1, False)
+    if estimator == "elbo":
+        samples = -model.estimator.bound_samples(
+            model.token_logits, batch.ids, batch.scored, batch.real, batch.attention_mask, num_samples, None, generator
+        ).nll
+        return _estimate(samples, num_samples, True)
+    if model.config.time_conditioning:
+        raise ValueError(
+            "estimator 'coupled' needs a time-independent network; this model is time-conditioned (its noise level "
+            "would have to be drawn per mask as the 'elbo' estimator does). Use estimator='elbo'."
+        )
+    digits = batch.scored.unsqueeze(-1).expand_as(clean)
+    total = digits.sum((1, 2))  # N per row
+    everything = _terms(model, clean, digits, batch)  # f(N): the fully masked completion, once
+    columns = []
+    for _ in range(num_samples):
+        # k ~ U{1..N-1}: M and its complement are both uniform subsets with sizes uniform on 1..N-1.
+        u = torch.rand(size, generator=generator, device=clean.device)
+        k = 1 + torch.floor(u * (total - 1).clamp(min=1)).long()
+        first = _random_subsets(digits, k, generator)
+        second = digits & ~first
+        pair = (
+            _terms(model, clean, first, batch) * total / k
+            + _terms(model, clean, second, batch) * total / (total - k).clamp(min=1)
+        ) / 2
+        # E[pair] = (1/(N-1)) Σ_{k<N} f(k); adding f(N)/N gives the count estimator's (1/N) Σ_{k≤N} f(k).
+        bound = torch.where(total > 1, (total - 1) / total * pair + everything / total, everything)
+        columns.append(-bound)
+    return _estimate(torch.stack(columns, 1), 2 * num_samples + 1, True)
+
+
+def _estimate(samples: torch.Tensor, nfe: int, lower_bound: bool) -> LikelihoodEstimate:
+    k = samples.shape[1]
+    stderr = samples.detach().std(1) / math.sqrt(k) if k > 1 else torch.full_like(samples[:, 0], float("nan"))
+    return LikelihoodEstimate(samples.mean(1), samples, stderr, nfe, lower_bound)
+
+
+def exact_elbo(
+    model,
+    prompt_ids: torch.Tensor,
+    completion_ids: torch.Tensor,
+    *,
+    prompt_attention_mask: torch.Tensor | None = None,
+    completion_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(B,)`` the ELBO of ``log π(completion | prompt)`` exactly, by enumerating every mask of the N completion
+    digits (N ≤ 16), differentiable: the value and gradient that the unbiased estimators estimate.
+    Time-independent networks only (a time-conditioned one would need the integral over t too)."""
+    if model.config.time_conditioning:
+        raise ValueError("exact_elbo enumerates masks of a time-independent network; this one is time-conditioned.")
+    batch = prepare_batch(model, prompt_ids, completion_ids, prompt_attention_mask, completion_mask)
+    clean = model.codec.encode(batch.ids, check=False)
+    out = []
+    for b in range(clean.shape[0]):
+        row = _Batch(batch.ids[b : b + 1], batch.real[b : b + 1], batch.scored[b : b + 1],
+                     None if batch.attention_mask is None else batch.attention_mask[b : b + 1])  # fmt: skip
+        digits = row.scored.unsqueeze(-1).expand_as(clean[b : b + 1])
+        places = digits[0].nonzero()  # (N, 2): position, digit
+        n = len(places)
+        if n > MAX_ENUMERATED_DIGITS:
+            raise ValueError(
+                f"exact_elbo enumerates 2^N masks; N = {n} completion digits is over {MAX_ENUMERATED_DIGITS}."
+            )
+        total = torch.zeros((), dtype=torch.float64, device=clean.device)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(range(n), k))
+            masks = torch.zeros(len(subsets), *digits.shape[1:], dtype=torch.bool, device=clean.device)
+            for s, subset in enumerate(subsets):
+                chosen = places[list(subset)]
+                masks[s, chosen[:, 0], chosen[:, 1]] = True
+            mask = None if row.attention_mask is None else row.attention_mask.expand(len(subsets), -1)
+            many = _Batch(row.ids.expand(len(subsets), -1), row.real.expand(len(subsets), -1),
+                          row.scored.expand(len(subsets), -1), mask)  # fmt: skip
+            terms = _terms(model, clean[b : b + 1].expand(len(subsets), -1, -1), masks, many)
+            total = total + (n / k) * terms.mean() / n
+        out.append(-total)
+    return torch.stack(out)
