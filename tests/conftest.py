@@ -217,3 +217,14 @@ def http_process(command: list[str], ready_url: str, timeout: float = 120.0):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module (its ``main`` and ``render_markdown``)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)

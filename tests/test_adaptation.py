@@ -19,7 +19,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from conftest import GPT2_TOKENIZER
+from conftest import GPT2_TOKENIZER, load_benchmark
 from fresh_interpreter import interpreters
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion
 from modeling_mdm_prime.adapted_mdm_prime import consistent_mean_table, partial_token_embeddings
@@ -361,14 +361,6 @@ def test_adapted_checkpoints_load_as_remote_code_on_both_lines(
                     got[f"{family}/{implementation}/{kind}"], expected[f"{family}/{kind}"], rtol=1e-4, atol=1e-4
                 )
     assert report["out"][2] == "<user>hi"  # the source's chat template travelled with the tokenizer
-
-
-def load_benchmark(name: str):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
 
 
 def test_the_committed_adaptation_tables_are_the_guide_s():

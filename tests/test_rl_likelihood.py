@@ -3,13 +3,12 @@ the ELBO by enumerating every mask, its gradient, the true log-likelihood for an
 form of d1's one-pass estimate."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import oracle_logits, random_distribution, tiny_model
+from conftest import load_benchmark, oracle_logits, random_distribution, tiny_model
 from modeling_mdm_prime.tools.rl_likelihood import exact_elbo, sequence_log_likelihood
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,25 +127,19 @@ def test_bad_inputs_are_refused_with_the_reason():
         sequence_log_likelihood(genmd4, PROMPT, COMPLETION)
 
 
-def _benchmark():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return __import__("rl_estimators")
-    finally:
-        sys.path.pop(0)
-
-
 def test_the_committed_estimator_table_is_the_guide_s():
     """docs/guides/rl.md shows exactly what the committed JSON renders to (numbers are never retyped)."""
     committed = json.loads((REPO / "benchmarks" / "results" / "rl_estimators.json").read_text())
-    table = _benchmark().render_markdown(committed)
+    table = load_benchmark("rl_estimators").render_markdown(committed)
     assert table in (REPO / "docs" / "guides" / "rl.md").read_text(encoding="utf-8")
     assert (REPO / "benchmarks" / "results" / "rl_estimators.md").read_text(encoding="utf-8").strip() == table
 
 
 @pytest.mark.slow
 def test_the_estimator_benchmark_runs_small(tmp_path):
-    report = _benchmark().main(["--repeats", "3", "--num_time_samples", "1,2", "--output_dir", str(tmp_path)])
+    report = load_benchmark("rl_estimators").main(
+        ["--repeats", "3", "--num_time_samples", "1,2", "--output_dir", str(tmp_path)]
+    )
     rows = report["rows"]
     assert {r["model"] for r in rows} == {"oracle ℓ=1", "oracle ℓ=2", "random ℓ=2", "reference ℓ=2"}
     assert {(r["estimator"], r["samples"]) for r in rows if r["model"] == "random ℓ=2"} == {
@@ -154,4 +147,6 @@ def test_the_estimator_benchmark_runs_small(tmp_path):
     graded = [r for r in rows if not r["model"].startswith("oracle")]
     assert all(r["grad_rel_error"] >= 0 and -1 <= r["grad_cosine"] <= 1 for r in graded)
     assert (tmp_path / "rl_estimators.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "rl_estimators.md").read_text().strip() == _benchmark().render_markdown(report)
+    assert (tmp_path / "rl_estimators.md").read_text().strip() == load_benchmark("rl_estimators").render_markdown(
+        report
+    )

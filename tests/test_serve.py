@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import GPT2_TOKENIZER, free_port, http_process, tiny_model
+from conftest import GPT2_TOKENIZER, free_port, http_process, load_benchmark, tiny_model
 from modeling_mdm_prime.tools.serving import (
     BOOLEAN,
     FREE,
@@ -314,20 +314,12 @@ def test_the_batching_plan_keeps_jobs_whole_and_apart():
         loop.close()
 
 
-def _serving_benchmark():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return __import__("serving")
-    finally:
-        sys.path.pop(0)
-
-
 def test_the_committed_serving_table_is_the_guide_s():
     """docs/guides/serving.md shows exactly what the committed JSON renders to (numbers are never retyped)."""
     page = (REPO / "docs" / "guides" / "serving.md").read_text(encoding="utf-8")
     for name in ("serving", "serving_smollm2"):
         committed = json.loads((REPO / "benchmarks" / "results" / f"{name}.json").read_text())
-        table = _serving_benchmark().render_markdown(committed)
+        table = load_benchmark("serving").render_markdown(committed)
         assert table in page, f"docs/guides/serving.md does not show benchmarks/results/{name}.json"
         assert (REPO / "benchmarks" / "results" / f"{name}.md").read_text(encoding="utf-8").strip() == table
         assert [row["clients"] for row in committed["rows"]] == [1, 1, 4, 16]
@@ -335,7 +327,7 @@ def test_the_committed_serving_table_is_the_guide_s():
 
 @pytest.mark.slow
 def test_the_serving_benchmark_runs_small(tmp_path):
-    report = _serving_benchmark().main(
+    report = load_benchmark("serving").main(
         ["--model_name_or_path", str(REFERENCE), "--concurrency", "1,3", "--num_requests", "3", "--max_tokens", "4",
          "--output_dir", str(tmp_path)]
     )  # fmt: skip
@@ -343,7 +335,7 @@ def test_the_serving_benchmark_runs_small(tmp_path):
     assert [r["clients"] for r in rows] == [1, 1, 3] and all(r["requests"] == 3 for r in rows)
     assert rows[1]["rows_per_generate_call"] == 1.0  # one client: nothing to batch
     assert rows[2]["rows_per_generate_call"] >= 1.0 and rows[0]["speedup_vs_sequential"] == 1.0
-    assert (tmp_path / "serving.md").read_text().strip() == _serving_benchmark().render_markdown(report)
+    assert (tmp_path / "serving.md").read_text().strip() == load_benchmark("serving").render_markdown(report)
 
 
 def test_a_request_over_its_time_limit_gets_504_and_the_server_goes_on():
