@@ -33,7 +33,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion
 from modeling_mdm_prime.tools.cli import option_strings
-from modeling_mdm_prime.tools.rl_likelihood import ESTIMATORS, exact_elbo, sequence_log_likelihood
+from modeling_mdm_prime.tools.rl_likelihood import ESTIMATORS, exact_elbo, oracle_logits, sequence_log_likelihood
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"elbo": "elbo (count)", "coupled": "coupled (complementary)", "one_pass": "one pass (d1)"}
@@ -62,18 +62,9 @@ def oracle_model(ell: int):
                             num_attention_heads=2, intermediate_size=16, max_position_embeddings=8,
                             time_conditioning=False)  # fmt: skip
     model = MDMPrimeForMaskedDiffusion(config).eval()
-    codec = model.codec
 
     def oracle(sub_ids, attention_mask=None, noise_level=None, positions=None, check_inputs=True):
-        allowed = codec.consistency_mask(sub_ids).double()
-        weight = probs.expand(sub_ids.shape[0], -1).clone()
-        for i in range(length):
-            weight *= allowed[:, i].index_select(1, sequences[:, i])
-        marginals = torch.zeros(sub_ids.shape[0], length, vocab, dtype=torch.float64)
-        for i in range(length):
-            marginals[:, i].index_add_(1, sequences[:, i], weight)
-        logits = marginals.log().float()
-        return logits if positions is None else logits[positions]
+        return oracle_logits(model.codec, sequences, probs, sub_ids, positions)
 
     model.token_logits = oracle
     row = sequences[int(probs.argmax())]

@@ -13,6 +13,7 @@ built, else the committed tiny reference checkpoint. As a Hugging Face Space: do
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import threading
 import time
@@ -39,6 +40,7 @@ class Demo:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.recordings: dict[str, UnmaskingRecorder] = {}
+        self.pages = Path(tempfile.mkdtemp(prefix="mdm-prime-app-"))  # one HTML page per kept recording
         self.lock = threading.Lock()  # one generate() at a time: one model
 
     def canvas(self, mode: str, text: str, max_new_tokens: int) -> dict:
@@ -89,8 +91,11 @@ class Demo:
         key = uuid.uuid4().hex
         self.recordings[key] = recorder
         while len(self.recordings) > MAX_SESSIONS:
-            self.recordings.pop(next(iter(self.recordings)))
-        page = recorder.to_html(Path(tempfile.mkdtemp(prefix="mdm-prime-app-")) / "unmasking.html")
+            oldest = next(iter(self.recordings))
+            del self.recordings[oldest]
+            shutil.rmtree(self.pages / oldest, ignore_errors=True)
+        (self.pages / key).mkdir()
+        page = recorder.to_html(self.pages / key / "unmasking.html")
         answer = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True)
         info = f"steps: {out.num_steps} · network calls: {out.nfe} · seed: {int(seed)}"
         replay = gr.update(minimum=0, maximum=len(recorder) - 1, value=len(recorder) - 1, step=1, interactive=True)

@@ -59,7 +59,6 @@ from modeling_mdm_prime.tools.serving import (
 
 logger = logging.getLogger("mdm_prime.serve")
 REPO = Path(__file__).resolve().parents[1]
-STRATEGIES = ("ancestral", "confidence", "threshold")
 
 
 class Limits(BaseModel):
@@ -176,16 +175,9 @@ def create_app(model, tokenizer, model_id: str, limits: Limits, tick_s: float = 
         if body.model != model_id:
             raise APIError(404, f"model {body.model!r} not found; this server serves {model_id!r}", "model",
                            "not_found_error")  # fmt: skip
-        refused = [
-            name
-            for name, neutral in (
-                ("logprobs", None),
-                ("logit_bias", None),
-                ("presence_penalty", 0.0),
-                ("frequency_penalty", 0.0),
-            )  # fmt: skip
-            if getattr(body, name) not in (neutral, False, {}) and getattr(body, name) is not None
-        ]
+        # Accepted only at their neutral values (None, 0, False, {}): a diffusion LM has no next-token distribution.
+        refused = [name for name in ("logprobs", "logit_bias", "presence_penalty", "frequency_penalty")
+                   if getattr(body, name) not in (None, {}) and getattr(body, name) != 0]  # fmt: skip
         if getattr(body, "best_of", None) not in (None, 1):
             refused.append("best_of")
         if refused:
@@ -214,7 +206,10 @@ def create_app(model, tokenizer, model_id: str, limits: Limits, tick_s: float = 
         if fmt.get("type") != "json_schema" or not isinstance(fmt.get("json_schema"), dict):
             raise APIError(400, "response_format must be {'type': 'json_schema', 'json_schema': {'schema': {...}}}"
                            " or {'type': 'text'}", "response_format")  # fmt: skip
-        return fmt["json_schema"].get("schema")
+        if not isinstance(fmt["json_schema"].get("schema"), dict):
+            raise APIError(400, "response_format.json_schema.schema is required: the JSON schema to fill",
+                           "response_format")  # fmt: skip
+        return fmt["json_schema"]["schema"]
 
     def build(prefix_ids: list[int], body: DiffusionFields, max_tokens: int, prompt_text: str | None = None):
         schema = schema_of(body)
@@ -275,6 +270,12 @@ def create_app(model, tokenizer, model_id: str, limits: Limits, tick_s: float = 
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt is empty", "prompt")
+        if body.infill:
+            # The template's holes give the length and the place of the answer: nothing else may.
+            clashes = [name for name in ("max_tokens", "suffix", "response_format") if getattr(body, name) is not None]
+            if clashes:
+                raise APIError(400, f"infill=true fills the prompt's [MASK] holes; {clashes} do not apply to it",
+                               clashes[0])  # fmt: skip
         templates = []
         for prompt in prompts:
             template = build(tokenizer(prompt)["input_ids"], body, max_tokens, prompt)
@@ -348,6 +349,12 @@ def create_app(model, tokenizer, model_id: str, limits: Limits, tick_s: float = 
             elif echo:
                 for i in range(rows):
                     yield chunk(i, echo[i])
+
+            def on_delta(index: int, text: str, info: dict | None) -> str | None:
+                totals[index] += text
+                new = "" if stopped[index] else text_delta(index, totals[index])
+                return chunk(index, new, extra=info) if new or info else None
+
             task = asyncio.create_task(asyncio.wait_for(engine.submit(job), limits.request_timeout))
             while True:
                 getter = asyncio.create_task(job.events.get())
@@ -358,17 +365,12 @@ def create_app(model, tokenizer, model_id: str, limits: Limits, tick_s: float = 
                 kind_, index, text, info = getter.result()
                 if kind_ == "error":
                     break
-                totals[index] += text
-                new = "" if stopped[index] else text_delta(index, totals[index])
-                if new or info:
-                    yield chunk(index, new, extra=info)
+                if (out := on_delta(index, text, info)) is not None:
+                    yield out
             while not job.events.empty():  # events queued before the result
                 kind_, index, text, info = job.events.get_nowait()
-                if kind_ == "delta":
-                    totals[index] += text
-                    new = "" if stopped[index] else text_delta(index, totals[index])
-                    if new or info:
-                        yield chunk(index, new, extra=info)
+                if kind_ == "delta" and (out := on_delta(index, text, info)) is not None:
+                    yield out
             try:
                 results = task.result()
             except Exception as error:  # noqa: BLE001 - the client hears of it in the stream

@@ -721,9 +721,8 @@ class MDMPrimeGenerationMixin:
         device = canvas.sub_ids.device
         token_sets, token_set_ids = token_sets.to(device), token_set_ids.to(device)
         generated = canvas.generated
-        possible = (token_sets[token_set_ids[generated]] & self.codec.consistency_mask(canvas.sub_ids[generated])).any(
-            -1
-        )
+        agree = self.codec.consistency_mask(canvas.sub_ids[generated])  # (N, C) tokens agreeing with fixed digits
+        possible = (token_sets[token_set_ids[generated]] & agree).any(-1)
         if not bool(possible.all()):
             row, position = generated.nonzero()[(~possible).nonzero()[0, 0]].tolist()
             raise ValueError(

@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion  # noqa: E402
+from modeling_mdm_prime.tools.rl_likelihood import oracle_logits  # noqa: E402, F401 - the tests' oracle network
 
 # One thread per process that a test starts (scripts, accelerate launches, the fresh-process workers): several of
 # them often run at once on a 2-core machine, where OpenMP threads contending for the cores slow a run down tenfold.
@@ -126,21 +127,6 @@ class OracleModel(MDMPrimeForMaskedDiffusion):
 
     def token_logits(self, sub_ids, attention_mask=None, noise_level=None, positions=None, check_inputs=True):
         return oracle_logits(self.codec, self.sequences, self.probs, sub_ids, positions)
-
-
-def oracle_logits(codec, sequences: torch.Tensor, probs: torch.Tensor, sub_ids: torch.Tensor, positions=None):
-    """The exact conditionals ``log p(x_i | y_t)`` ``(B, L, C)`` (or ``(N, C)`` at ``positions``) of the distribution
-    ``probs`` over ``sequences`` ``(S, L)``, given partially masked digits ``sub_ids`` ``(B, L, ℓ)``."""
-    allowed = codec.consistency_mask(sub_ids).double()  # (B, L, C)
-    batch, length, vocab = allowed.shape
-    weight = probs.expand(batch, -1).clone()  # (B, S)
-    for i in range(length):
-        weight *= allowed[:, i].index_select(1, sequences[:, i])
-    marginals = torch.zeros(batch, length, vocab, dtype=torch.float64)
-    for i in range(length):
-        marginals[:, i].index_add_(1, sequences[:, i], weight)
-    logits = marginals.log().float()
-    return logits if positions is None else logits[positions]
 
 
 def oracle_config(vocab: int, ell: int) -> MDMPrimeConfig:

@@ -58,6 +58,25 @@ for auto in (AutoModel, AutoModelForMaskedLM):
         .loss.reshape(1),
     }
     save_file(outputs, f"{work}/{auto.__name__}.safetensors")
+# A step streamer (any object with put_step / end) sees what output_history records; constrained infilling.
+class Recorder:
+    def __init__(self):
+        self.states, self.ended = [], False
+    def put_step(self, state):
+        self.states.append(state.sub_ids.clone())
+    def end(self):
+        self.ended = True
+recorder = Recorder()
+streamed = model.generate(inputs["ids"][:2, :4], seed=0, streamer=recorder, return_dict_in_generate=True,
+                          output_history=True)
+report["step_streamer"] = [len(recorder.states) - 1, len(streamed.history), recorder.ended,
+                           all(torch.equal(a, b) for a, b in zip(recorder.states[1:], streamed.history))]
+template, holes = inputs["ids"][:1, :6], torch.zeros(1, 6, dtype=torch.bool)
+holes[0, 2:5] = True
+sets = torch.zeros(2, config.vocab_size, dtype=torch.bool)
+sets[0], sets[1, 5:15] = True, True
+constrained = model.generate(template, infill_mask=holes, seed=0, token_sets=sets, token_set_ids=holes.long())
+save_file({"constrained": constrained}, f"{work}/constrained.safetensors")
 # transformers' attention interface: eager attention from from_pretrained, and switched at runtime.
 eager = AutoModel.from_pretrained(path, trust_remote_code=True, attn_implementation="eager").eval()
 attention = {"eager": eager.denoise(inputs["sub_ids"], attention_mask=inputs["mask"])}
@@ -91,7 +110,7 @@ def test_checkpoint_contents(saved):
 
 
 @pytest.mark.parametrize(("python", "version"), list(interpreters()))
-def test_remote_code_loads_in_fresh_process(saved, python, version, fresh_python, tmp_path_factory):
+def test_remote_code_loads_in_fresh_process(saved, saved_checkpoint, python, version, fresh_python, tmp_path_factory):
     root, expected = saved
     work = tmp_path_factory.mktemp(f"loaded-{version}")
     shutil.copy(root / "inputs.safetensors", work)
@@ -113,6 +132,18 @@ def test_remote_code_loads_in_fresh_process(saved, python, version, fresh_python
         assert torch.allclose(outputs["log_probs"], expected["log_probs"], atol=1e-6, equal_nan=True)
         assert torch.allclose(outputs["loss"], expected["loss"], atol=1e-6)
         assert torch.equal(outputs["generated"], expected["generated"])
+    steps, history, ended, same = report["step_streamer"]
+    assert steps == history == 8 and ended and same
+    constrained = load_file(str(work / "constrained.safetensors"))["constrained"]
+    assert bool(((constrained[0, 2:5] >= 5) & (constrained[0, 2:5] < 15)).all())
+    ids = load_file(str(root / "inputs.safetensors"))["ids"]
+    holes = torch.zeros(1, 6, dtype=torch.bool)
+    holes[0, 2:5] = True
+    sets = torch.zeros(2, saved_checkpoint.model.config.vocab_size, dtype=torch.bool)
+    sets[0], sets[1, 5:15] = True, True
+    here = saved_checkpoint.model.generate(ids[:1, :6], infill_mask=holes, seed=0, token_sets=sets,
+                                           token_set_ids=holes.long())  # fmt: skip
+    assert torch.equal(constrained, here)
     assert report["attn_implementation"] == ["sdpa", "eager", "eager"]
     real = load_file(str(root / "inputs.safetensors"))["mask"].bool()
     for log_probs in load_file(str(work / "attention.safetensors")).values():

@@ -208,6 +208,11 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(client, server)
         client.completions.create(model=MODEL_ID, prompt="x", n=9)
     with pytest.raises(openai.BadRequestError, match="infill template has no hole"):
         client.completions.create(model=MODEL_ID, prompt="no holes", extra_body={"infill": True})
+    with pytest.raises(openai.BadRequestError, match="infill=true fills the prompt's \\[MASK\\] holes; \\['suffix'\\]"):
+        client.completions.create(model=MODEL_ID, prompt="a [MASK] b", suffix="c", extra_body={"infill": True})
+    with pytest.raises(openai.BadRequestError, match="response_format.json_schema.schema is required"):
+        client.completions.create(model=MODEL_ID, prompt="x", extra_body={
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p"}}})  # fmt: skip
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4' not found; this server serves 'tiny-chat'"):
         client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError, match="temperature"):

@@ -100,14 +100,15 @@ def prepare_batch(model, prompt_ids, completion_ids, prompt_attention_mask=None,
     return _Batch(ids, real, scored, None if bool(real.all()) else real.long())
 
 
-def _terms(model, clean, masked, batch: _Batch, noise_level=None) -> torch.Tensor:
+def _terms(model, clean, masked, batch: _Batch) -> torch.Tensor:
     """``(B,)`` Σ over positions of the valid-bound digit terms ``ℓ_i`` for the given ``masked`` digits."""
     codec = model.codec
     rows = masked.any(-1)
     out = torch.zeros(clean.shape[0], dtype=torch.float64, device=clean.device)
     if not bool(rows.any()):
         return out
-    logits = model.token_logits(clean.masked_fill(masked, codec.mask_id), batch.attention_mask, noise_level, rows,
+    # Time-independent networks only ('coupled' and exact_elbo refuse the others): no noise level to tell.
+    logits = model.token_logits(clean.masked_fill(masked, codec.mask_id), batch.attention_mask, None, rows,
                                 check_inputs=False)  # fmt: skip
     valid, _ = diffusion_terms(logits, batch.ids[rows], masked[rows], codec, model.config.carry_over)
     row_of = torch.arange(clean.shape[0], device=clean.device).unsqueeze(1).expand_as(rows)[rows]
@@ -245,6 +246,23 @@ def exact_elbo(
             many = _Batch(row.ids.expand(len(subsets), -1), row.real.expand(len(subsets), -1),
                           row.scored.expand(len(subsets), -1), mask)  # fmt: skip
             terms = _terms(model, clean[b : b + 1].expand(len(subsets), -1, -1), masks, many)
-            total = total + (n / k) * terms.mean() / n
+            total = total + terms.mean() / k  # (1/N) · (N/k) · E_{|M|=k}[Σ_{i∈M} ℓ_i]
         out.append(-total)
     return torch.stack(out)
+
+
+def oracle_logits(codec, sequences: torch.Tensor, probs: torch.Tensor, sub_ids: torch.Tensor, positions=None):
+    """A network that knows the data: the exact conditionals ``log q(x_i | y_t)`` of the distribution ``probs``
+    (unnormalised is fine) over ``sequences`` ``(S, L)``, given partially masked digits ``sub_ids`` ``(B, L, ℓ)``;
+    ``(B, L, C)``, or ``(N, C)`` at ``positions``. Its ELBO is tight: the estimators' target becomes log q itself.
+    """
+    allowed = codec.consistency_mask(sub_ids).double()  # (B, L, C)
+    batch, length, vocab = allowed.shape
+    weight = probs.double().expand(batch, -1).clone()  # (B, S)
+    for i in range(length):
+        weight *= allowed[:, i].index_select(1, sequences[:, i])
+    marginals = torch.zeros(batch, length, vocab, dtype=torch.float64, device=sub_ids.device)
+    for i in range(length):
+        marginals[:, i].index_add_(1, sequences[:, i], weight)
+    logits = marginals.log().float()
+    return logits if positions is None else logits[positions]

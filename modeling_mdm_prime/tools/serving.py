@@ -21,8 +21,7 @@ import json
 import logging
 import re
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,32 +73,38 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
+def _filler(tokenizer) -> int:
+    """The id that stands in a hole or in padding before generation (any valid id would do)."""
+    return tokenizer.pad_token_id or 0
+
+
 def completion_template(tokenizer, prompt_ids: list[int], max_tokens: int, suffix: str | None = None) -> Template:
     """``prompt`` then ``max_tokens`` holes (then ``suffix``, OpenAI's infill field); the answer is the holes."""
     suffix_ids = _encode(tokenizer, suffix) if suffix else []
-    ids = list(prompt_ids) + [tokenizer.pad_token_id or 0] * max_tokens + suffix_ids
+    ids = list(prompt_ids) + [_filler(tokenizer)] * max_tokens + suffix_ids
     holes = [False] * len(prompt_ids) + [True] * max_tokens + [False] * len(suffix_ids)
     return Template(ids, holes, list(range(len(prompt_ids), len(prompt_ids) + max_tokens)))
 
 
-def infill_template(tokenizer, text: str, prefix_ids: list[int] = ()) -> Template:
+def infill_template(tokenizer, text: str) -> Template:
     """Text with holes: ``[MASK]`` is one token to fill, ``[MASK:n]`` is n tokens. The answer is the whole filled
-    text (``prefix_ids``, e.g. a chat prompt, excluded)."""
-    ids, holes = list(prefix_ids), [False] * len(prefix_ids)
+    text."""
+    ids: list[int] = []
+    holes: list[bool] = []
     start, found = 0, 0
     for match in HOLE.finditer(text):
         count = int(match.group(1) or 1)
         if not 1 <= count <= MAX_HOLE:
             raise TemplateError(f"[MASK:{count}] in the infill template: a hole has 1 to {MAX_HOLE} tokens.")
         piece = _encode(tokenizer, text[start : match.start()])
-        ids += piece + [tokenizer.pad_token_id or 0] * count
+        ids += piece + [_filler(tokenizer)] * count
         holes += [False] * len(piece) + [True] * count
         start, found = match.end(), found + 1
     if not found:
         raise TemplateError("the infill template has no hole: write [MASK] (one token) or [MASK:n] (n tokens).")
     tail = _encode(tokenizer, text[start:])
     ids, holes = ids + tail, holes + [False] * len(tail)
-    return Template(ids, holes, list(range(len(prefix_ids), len(ids))))
+    return Template(ids, holes, list(range(len(ids))))
 
 
 class TokenClasses:
@@ -163,7 +168,7 @@ def json_schema_template(
         set_ids.extend([FREE] * len(new))
 
     def hole(kinds: list[int]) -> None:
-        ids.extend([tokenizer.pad_token_id or 0] * len(kinds))
+        ids.extend([_filler(tokenizer)] * len(kinds))
         holes.extend([True] * len(kinds))
         set_ids.extend(kinds)
 
@@ -240,11 +245,9 @@ class Job:
     templates: list[Template]
     settings: Settings
     future: asyncio.Future
-    events: asyncio.Queue | None = None  # stream: ("delta", row, text, step_info) and ("done", None, None, None)
+    events: asyncio.Queue | None = None  # stream: ("delta", row, text, step_info), or ("error", None, message, None)
     step_events: bool = False  # also an event for every denoising step, with its counts
-    submitted: float = field(default_factory=time.monotonic)
     loop: asyncio.AbstractEventLoop | None = None
-    results: dict[int, RowResult] = field(default_factory=dict)  # rows done so far (a job may span calls)
 
 
 @dataclass
@@ -271,6 +274,7 @@ class _StreamRows:
             if row.job.events is None:
                 continue
             positions = [self.offsets[r] + p for p in row.template.answer]
+            in_hole = [row.template.holes[p] for p in row.template.answer]
             digits = y[r, positions]
             decided = (digits != self.codec.mask_id).all(-1).tolist()
             end = self.done[r]
@@ -288,7 +292,7 @@ class _StreamRows:
             delta = ""
             if end > self.done[r]:
                 tokens = self.codec.decode(digits[:end]).tolist()
-                hits = [i for i, t in enumerate(tokens) if t in self.eos]
+                hits = [i for i, t in enumerate(tokens) if t in self.eos and in_hole[i]]  # as in the results
                 if hits:
                     tokens, self.stopped[r] = tokens[: hits[0]], True
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -389,8 +393,7 @@ class BatchingEngine:
         with self._lock:
             length = max(len(r.template.ids) for r in rows)
             offsets = [length - len(r.template.ids) for r in rows]
-            pad = self.tokenizer.pad_token_id or 0
-            ids = torch.full((len(rows), length), pad, dtype=torch.long)
+            ids = torch.full((len(rows), length), _filler(self.tokenizer), dtype=torch.long)
             real = torch.zeros(len(rows), length, dtype=torch.bool)
             holes = torch.zeros(len(rows), length, dtype=torch.bool)
             set_ids = torch.zeros(len(rows), length, dtype=torch.long)
@@ -433,13 +436,13 @@ class BatchingEngine:
 
     @staticmethod
     def _deliver(rows: list[_Row], results: list[RowResult]) -> None:
-        by_job: dict[int, tuple[Job, dict[int, RowResult]]] = {}
+        """Hand each job its rows' results; a job's rows are all in one call, in order (:meth:`plan`)."""
+        by_job: dict[int, tuple[Job, list[RowResult]]] = {}
         for row, result in zip(rows, results):
-            by_job.setdefault(id(row.job), (row.job, {}))[1][row.index] = result
+            by_job.setdefault(id(row.job), (row.job, []))[1].append(result)
         for job, found in by_job.values():
-            job.results.update(found)
-            if len(job.results) == len(job.templates) and not job.future.done():
-                job.future.set_result([job.results[i] for i in range(len(job.templates))])
+            if not job.future.done():  # not timed out meanwhile
+                job.future.set_result(found)
 
 
 def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

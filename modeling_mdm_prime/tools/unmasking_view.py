@@ -166,18 +166,21 @@ class UnmaskingRecorder:
         row = self.row
         real = state.attention_mask[row] if state.attention_mask is not None else None
         positions = real.nonzero().flatten().tolist() if real is not None else range(state.sub_ids.shape[1])
-        since = self._complete_since[number]
+        since = self._complete_since[number].tolist()
         mask_id = self.codec.mask_id
+        # One pass over the row, as Python lists: token ids x = Σ_j y^j b^(ℓ-1-j) where every digit is known.
+        sub_ids = state.sub_ids[row]
+        tokens = (sub_ids.clamp(max=mask_id - 1) * torch.tensor(self.codec.place_values)).sum(-1).tolist()
+        fixed = state.fixed[row].all(-1).tolist() if state.fixed is not None else [False] * len(tokens)
+        digit_rows = sub_ids.tolist()
         out = []
         for position in positions:
-            digits = tuple(int(d) for d in state.sub_ids[row, position])
+            digits = tuple(digit_rows[position])
             known = tuple(None if d == mask_id else d for d in digits)
-            is_fixed = state.fixed is not None and bool(state.fixed[row, position].all())
             if all(d is not None for d in known):
-                token = self.codec.decode(state.sub_ids[row, position].unsqueeze(0)).item()
-                kind = PROMPT if is_fixed else REVEALED
-                when = 0 if is_fixed else int(since[position])
-                out.append(Cell(kind, known, self.token_text(int(token)), 1, (), when))
+                kind = PROMPT if fixed[position] else REVEALED
+                when = 0 if fixed[position] else since[position]
+                out.append(Cell(kind, known, self.token_text(tokens[position]), 1, (), when))
             elif all(d is None for d in known):
                 out.append(Cell(MASKED, known, None, self.codec.vocab_size, (), None))
             else:
