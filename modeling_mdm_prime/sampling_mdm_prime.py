@@ -117,18 +117,28 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def stream_keys(seed: int, stream_ids: torch.Tensor, content: torch.Tensor | None = None) -> torch.Tensor:
+def seed_words(seed: int | torch.Tensor) -> torch.Tensor:
+    """A seed, or ``(B,)`` int64 per-row seeds, folded to 32-bit words (a scalar tensor for an int seed)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.long()
+        return _mix32((seed ^ (seed >> 32)) & _MASK32)
+    return _mix32(torch.tensor((seed ^ (seed >> 32)) & _MASK32, dtype=torch.long))
+
+
+def stream_keys(
+    seed: int | torch.Tensor, stream_ids: torch.Tensor, content: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(B,)`` int64 keys in [0, 2^32) of independent random streams.
 
     Args:
-        seed: the generation seed.
+        seed: the generation seed, or ``(B,)`` int64 seeds, one per row.
         stream_ids: ``(B,)`` per-row stream ids (e.g. ``occurrence · num_return_sequences + return index``).
         content: optional ``(B,)`` words summarising each row's own conditioning (:func:`content_words`), so
             that different prompts in one batch draw independent noise while a row's key still depends on
             nothing but that row.
     """
-    seed_word = _mix32(torch.tensor((seed ^ (seed >> 32)) & _MASK32, dtype=torch.long))
-    keys = _mix32((_mix32(stream_ids.long() & _MASK32) + seed_word.to(stream_ids.device)) & _MASK32)
+    seed_word = seed_words(seed).to(stream_ids.device)
+    keys = _mix32((_mix32(stream_ids.long() & _MASK32) + seed_word) & _MASK32)
     return keys if content is None else _mix32(keys ^ content)
 
 
@@ -727,6 +737,7 @@ __all__ = [
     "digit_marginals",
     "get_sampler_strategy",
     "occurrence_index",
+    "seed_words",
     "row_time_grids",
     "sample_categorical",
     "stream_keys",

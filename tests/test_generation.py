@@ -219,6 +219,27 @@ def test_reproducible_with_seed_and_generator():
     assert torch.equal(d, model.generate(max_new_tokens=5))
 
 
+def test_per_row_seeds_make_each_row_a_function_of_its_prompt_and_seed():
+    """seed as one integer per row: a row equals its prompt generated alone with its seed (any batch, any padding,
+    any row order); a repeated prompt with distinct seeds gets distinct samples, with equal seeds the occurrence
+    rule still separates them; a tensor of seeds equals the list; a wrong count is refused."""
+    model = tiny_model(vocab_size=64)
+    prompts = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 5, 6]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])
+    out = model.generate(prompts, attention_mask=mask, max_new_tokens=8, seed=[11, 12, 13])
+    for row, seed in ((0, 11), (1, 12), (2, 13)):
+        alone = model.generate(prompts[row : row + 1, mask[row].argmax() :], max_new_tokens=8, seed=[seed])
+        assert torch.equal(alone[0, -8:], out[row, -8:])
+    assert not torch.equal(out[0, -8:], out[2, -8:])
+    swapped = model.generate(prompts[[2, 1, 0]], attention_mask=mask[[2, 1, 0]], max_new_tokens=8, seed=[13, 12, 11])
+    assert torch.equal(swapped, out[[2, 1, 0]])
+    same = model.generate(prompts, attention_mask=mask, max_new_tokens=8, seed=torch.tensor([11, 12, 11]))
+    assert torch.equal(same[0], out[0]) and not torch.equal(same[2], same[0])
+    assert torch.equal(same, model.generate(prompts, attention_mask=mask, max_new_tokens=8, seed=[11, 12, 11]))
+    with pytest.raises(ValueError, match="one 64-bit integer per input row"):
+        model.generate(prompts, attention_mask=mask, max_new_tokens=8, seed=[1, 2])
+
+
 def test_eos_is_followed_by_padding():
     sequences = torch.tensor([[1, 2, 3]])
     model = OracleModel(oracle_config(6, 1), sequences, torch.tensor([1.0], dtype=torch.float64)).eval()

@@ -76,7 +76,8 @@ holes[0, 2:5] = True
 sets = torch.zeros(2, config.vocab_size, dtype=torch.bool)
 sets[0], sets[1, 5:15] = True, True
 constrained = model.generate(template, infill_mask=holes, seed=0, token_sets=sets, token_set_ids=holes.long())
-save_file({"constrained": constrained}, f"{work}/constrained.safetensors")
+per_row = model.generate(inputs["ids"][:2, :4], seed=[3, 4], max_new_tokens=5)  # one seed per row (tools.grpo)
+save_file({"constrained": constrained, "per_row": per_row}, f"{work}/constrained.safetensors")
 # transformers' attention interface: eager attention from from_pretrained, and switched at runtime.
 eager = AutoModel.from_pretrained(path, trust_remote_code=True, attn_implementation="eager").eval()
 attention = {"eager": eager.denoise(inputs["sub_ids"], attention_mask=inputs["mask"])}
@@ -134,9 +135,12 @@ def test_remote_code_loads_in_fresh_process(saved, saved_checkpoint, python, ver
         assert torch.equal(outputs["generated"], expected["generated"])
     steps, history, ended, same = report["step_streamer"]
     assert steps == history == 8 and ended and same
-    constrained = load_file(str(work / "constrained.safetensors"))["constrained"]
+    saved_outputs = load_file(str(work / "constrained.safetensors"))
+    constrained = saved_outputs["constrained"]
     assert bool(((constrained[0, 2:5] >= 5) & (constrained[0, 2:5] < 15)).all())
     ids = load_file(str(root / "inputs.safetensors"))["ids"]
+    per_row = saved_checkpoint.model.generate(ids[:2, :4], seed=[3, 4], max_new_tokens=5)
+    assert torch.equal(saved_outputs["per_row"], per_row)
     holes = torch.zeros(1, 6, dtype=torch.bool)
     holes[0, 2:5] = True
     sets = torch.zeros(2, saved_checkpoint.model.config.vocab_size, dtype=torch.bool)

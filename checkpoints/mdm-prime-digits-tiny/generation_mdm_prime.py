@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +39,7 @@ from .sampling_mdm_prime import (
     counter_uniform,
     get_sampler_strategy,
     occurrence_index,
+    seed_words,
     stream_keys,
 )
 
@@ -459,7 +460,17 @@ class MDMPrimeGenerationMixin:
             if value is not None and (value.is_floating_point() or value.is_complex()):
                 raise ValueError(f"{name} must be an integer or bool tensor, got dtype {value.dtype}.")
         if seed is not None and not _is_int(seed):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}.")
+            seeds = seed.tolist() if isinstance(seed, torch.Tensor) and seed.dim() == 1 else seed
+            rows = next((v.shape[0] for v in (input_ids, sub_token_ids) if v is not None and v.dim() > 1), None)
+            if not (
+                isinstance(seeds, (list, tuple))
+                and all(_is_int(v) and -(2**63) <= v < 2**63 for v in seeds)
+                and len(seeds) == rows
+            ):
+                raise ValueError(
+                    f"seed must be an integer, None, or one 64-bit integer per input row (a list or 1-D tensor of "
+                    f"{rows if rows is not None else 'B'} values), got {seed!r}."
+                )
         if attention_mask is not None:
             if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
                 raise ValueError("attention_mask must hold 0 (padding) and 1 (real tokens) only.")
@@ -554,15 +565,21 @@ class MDMPrimeGenerationMixin:
             raise ValueError("nothing to generate: set max_new_tokens, an infill_mask, or masked sub_token_ids.")
 
         # Random streams: a row's key depends on the seed, its own conditioning (hashed over its real tokens, so
-        # padding does not enter), how many earlier rows have the same conditioning, and its return index.
+        # padding does not enter), how many earlier rows have the same conditioning (and, with per-row seeds, the
+        # same seed), and its return index.
         ell = codec.num_sub_tokens
         rank = (real.long().cumsum(1) - 1).clamp(min=0)
         counters = rank.unsqueeze(-1) * (ell + 1) + torch.arange(ell + 1, device=device)
         content = content_words(sub_ids, fixed & real.unsqueeze(-1), counters[..., 1:])
         copies = config.num_return_sequences
-        occurrence = occurrence_index(content).repeat_interleave(copies)
-        streams = occurrence * copies + torch.arange(copies, device=device).repeat(sub_ids.shape[0])
         expand = lambda x: x.repeat_interleave(copies, dim=0)  # noqa: E731
+        if isinstance(seed, (list, tuple, torch.Tensor)):  # one seed per row (validated in _check_inputs)
+            seed = torch.as_tensor(seed, dtype=torch.long, device=device)
+            occurrence = occurrence_index(content ^ seed_words(seed)).repeat_interleave(copies)
+            seed = expand(seed)
+        else:
+            occurrence = occurrence_index(content).repeat_interleave(copies)
+        streams = occurrence * copies + torch.arange(copies, device=device).repeat(sub_ids.shape[0])
         keys = stream_keys(seed, streams, expand(content))
         return _Canvas(expand(sub_ids), expand(fixed), expand(real), expand(filler), keys, expand(counters))
 
@@ -768,7 +785,7 @@ class MDMPrimeGenerationMixin:
         infill_mask: torch.Tensor | None = None,
         sub_token_ids: torch.LongTensor | None = None,
         generator: torch.Generator | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | torch.Tensor | None = None,
         step_callback: Callable[[MDMPrimeSamplerState], bool | None] | None = None,
         strategy: str | SamplerStrategy | None = None,
         network_kwargs: dict | None = None,
@@ -806,6 +823,9 @@ class MDMPrimeGenerationMixin:
                 among ``num_return_sequences``), counted by step and by position among the row's real tokens.
                 So a row's output does not depend on the other prompts in the batch or on padding, and a batch
                 ``[A, A]`` gives the same two samples as ``[A]`` with ``num_return_sequences=2``.
+                ``seed`` may also be one integer per input row (a list or 1-D tensor): each row then draws from
+                its own seed's streams, so its output is a function of the row and its seed alone, whatever else
+                is in the batch or on other processes (distributed RL rollouts, ``tools.grpo``).
             step_callback: called with an :class:`MDMPrimeSamplerState` after every step; returning True stops
                 early and fills the remaining masked sub-tokens in one final pass.
             strategy: a strategy name (``"ancestral"``, ``"confidence"``, ``"threshold"``, ``"state_dependent"``) or

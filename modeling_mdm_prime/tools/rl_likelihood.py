@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -128,13 +129,44 @@ def _one_pass(model, clean, batch: _Batch) -> torch.Tensor:
     return -torch.zeros(clean.shape[0], dtype=torch.float64, device=clean.device).index_add(0, row_of, prime.double())
 
 
+def completion_entropy(
+    model, prompt_ids, completion_ids, prompt_attention_mask=None, completion_mask=None
+) -> torch.Tensor:
+    """``(B, A)`` entropy in nats of the one-pass predictive distribution ``p_θ(x_i | prompt, completion masked)`` at
+    each completion token (0 on padding): how undecided the policy is, for logging (TRL reports entropies)."""
+    batch = prepare_batch(model, prompt_ids, completion_ids, prompt_attention_mask, completion_mask)
+    clean = model.codec.encode(batch.ids, check=False)
+    masked = clean.masked_fill(batch.scored.unsqueeze(-1), model.codec.mask_id)
+    noise = _noise_level(model, clean.shape[0], 1.0, clean.device)
+    logits = model.token_logits(masked, batch.attention_mask, noise, batch.scored, check_inputs=False)
+    logp = torch.log_softmax(logits.double(), -1)
+    entropy = torch.zeros(batch.scored.shape, dtype=torch.float64, device=clean.device)
+    entropy[batch.scored] = -(logp.exp() * logp).sum(-1)
+    return entropy[:, prompt_ids.shape[1] :]
+
+
 def _noise_level(model, batch: int, value: float, device) -> torch.Tensor | None:
     return torch.full((batch,), value, device=device) if model.config.time_conditioning else None
 
 
+def _uniforms(size: int, generator, device) -> torch.Tensor:
+    """``(B,)`` uniforms, from one generator or one per row (``generator`` a list)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(device)
+    return torch.rand(size, generator=generator, device=device)
+
+
 def _random_subsets(scored_digits: torch.Tensor, counts: torch.Tensor, generator) -> torch.Tensor:
-    """``(B, L, ℓ)`` bool: per row a uniform subset of ``counts[b]`` of the row's ``scored_digits``."""
-    keys = torch.rand(scored_digits.shape, generator=generator, device=scored_digits.device)
+    """``(B, L, ℓ)`` bool: per row a uniform subset of ``counts[b]`` of the row's ``scored_digits``. With one
+    generator per row, row b draws over its own scored digits only, so the subset does not depend on padding or
+    on the other rows."""
+    if isinstance(generator, (list, tuple)):
+        keys = torch.full(scored_digits.shape, 2.0, device=scored_digits.device)
+        for b, g in enumerate(generator):
+            place = scored_digits[b]
+            keys[b][place] = torch.rand(int(place.sum()), generator=g, device=g.device).to(keys.device)
+    else:
+        keys = torch.rand(scored_digits.shape, generator=generator, device=scored_digits.device)
     keys = keys.masked_fill(~scored_digits, 2.0)  # never chosen
     rank = keys.flatten(1).argsort(1).argsort(1).view_as(keys)
     return (rank < counts.view(-1, 1, 1)) & scored_digits
@@ -149,7 +181,7 @@ def sequence_log_likelihood(
     completion_mask: torch.Tensor | None = None,
     estimator: str = "elbo",
     num_samples: int = 4,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> LikelihoodEstimate:
     """Estimate ``log π(completion | prompt)`` per row, differentiably (gradients flow into the model).
 
@@ -158,6 +190,10 @@ def sequence_log_likelihood(
             (``completion_mask``: 1 for the completion's tokens, including a final EOS if it is part of it).
         estimator: ``"elbo"``, ``"coupled"`` or ``"one_pass"`` (module docstring).
         num_samples: Monte-Carlo samples K per row (``one_pass`` is deterministic and takes 1).
+        generator: one generator, or one per row: row b then draws its masks from ``generator[b]`` over its own
+            completion only, so its estimate is the same in any batch, padding or process (``tools.grpo`` seeds
+            them from each sequence's content, so a sequence is scored with the same masks before and after an
+            update).
     Returns:
         :class:`LikelihoodEstimate`. The model's mode (train / eval) is left as it is: RL computes ratios with
         and without dropout as its recipe says.
@@ -166,6 +202,8 @@ def sequence_log_likelihood(
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}.")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    if isinstance(generator, (list, tuple)) and len(generator) != prompt_ids.shape[0]:
+        raise ValueError(f"generator: one per row expected ({prompt_ids.shape[0]}), got {len(generator)}.")
     batch = prepare_batch(model, prompt_ids, completion_ids, prompt_attention_mask, completion_mask)
     clean = model.codec.encode(batch.ids, check=False)
     size = clean.shape[0]
@@ -189,7 +227,7 @@ def sequence_log_likelihood(
     columns = []
     for _ in range(num_samples):
         # k ~ U{1..N-1}: M and its complement are both uniform subsets with sizes uniform on 1..N-1.
-        u = torch.rand(size, generator=generator, device=clean.device)
+        u = _uniforms(size, generator, clean.device)
         k = 1 + torch.floor(u * (total - 1).clamp(min=1)).long()
         first = _random_subsets(digits, k, generator)
         second = digits & ~first
