@@ -369,6 +369,7 @@ def test_the_committed_adaptation_tables_are_the_guide_s():
     pages = (
         ("adaptation", "adaptation"),
         ("adaptation", "adaptation_long"),
+        ("adaptation", "adaptation_hour_l2"),
         ("adapted_generation", "adapted_generation"),
     )
     for module, name in pages:

@@ -130,6 +130,8 @@ def test_refusals_name_the_problem(tmp_path):
         _trainer(tmp_path, likelihood_estimator="exact")
     with pytest.raises(ValueError, match="leave room for the prompt"):
         _trainer(tmp_path, max_completion_length=128)
+    with pytest.raises(ValueError, match="leave use_vllm and use_transformers_continuous_batching off"):
+        _trainer(tmp_path, use_transformers_continuous_batching=True)
     with pytest.raises(ValueError, match="min_p and repetition_penalty"):
         _trainer(tmp_path, repetition_penalty=1.2)
     with pytest.raises(ValueError, match="time-independent network"):

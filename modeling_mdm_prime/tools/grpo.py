@@ -102,7 +102,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
     Raises:
         ValueError: an unknown estimator, a GenMD4 model (no conditional bound with a clean prompt), ``coupled``
             on a time-conditioned network, a completion length that leaves no room for a prompt on the canvas,
-            or sampling settings the diffusion sampler does not have.
+            sampling settings the diffusion sampler does not have, or vLLM / continuous batching.
     """
 
     def __init__(self, model, reward_funcs, args: DiffusionGRPOConfig | None = None, **kwargs):
@@ -148,6 +148,11 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                 f"max_completion_length={args.max_completion_length} must be set and leave room for the prompt on "
                 f"the model's canvas of {canvas} positions (max_position_embeddings)."
             )
+        if args.use_vllm or args.use_transformers_continuous_batching:
+            raise ValueError(
+                "vLLM and transformers' continuous batching generate autoregressively; rollouts of a diffusion model "
+                "come from its own generate(): leave use_vllm and use_transformers_continuous_batching off."
+            )
         if args.min_p is not None or args.repetition_penalty != 1.0:
             raise ValueError(
                 "min_p and repetition_penalty have no counterpart in the diffusion sampler; leave them unset "
@@ -161,8 +166,6 @@ class DiffusionGRPOTrainer(GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if images is not None or multimodal_fields:
             raise ValueError("DiffusionGRPOTrainer generates text only; the prompts carry images.")
-        if self.use_vllm or self.use_transformers_continuous_batching:
-            raise ValueError("vLLM and continuous batching serve causal LMs; leave use_vllm and its kin off.")
         mode = "train" if self.model.training else "eval"
         rollout = self._rollout_key[mode] = (self.state.global_step, self._rollouts[mode])
         self._rollouts[mode] += 1
