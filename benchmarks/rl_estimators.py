@@ -33,10 +33,16 @@ from transformers import AutoModel, AutoTokenizer
 
 from modeling_mdm_prime import MDMPrimeConfig, MDMPrimeForMaskedDiffusion
 from modeling_mdm_prime.tools.cli import option_strings
-from modeling_mdm_prime.tools.rl_likelihood import ESTIMATORS, exact_elbo, oracle_logits, sequence_log_likelihood
+from modeling_mdm_prime.tools.rl_likelihood import (
+    exact_elbo,
+    exact_log_likelihood,
+    oracle_logits,
+    sequence_log_likelihood,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-LABELS = {"elbo": "elbo (count)", "coupled": "coupled (complementary)", "one_pass": "one pass (d1)"}
+LABELS = {"elbo": "elbo (count)", "coupled": "coupled (complementary)", "one_pass": "one pass (d1)",
+          "upper": "upper (tangent)"}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,14 +102,19 @@ def flat_grad(model, value: torch.Tensor) -> torch.Tensor:
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
 
 
-def measure(name: str, model, prompt, completion, target: float, exact_grad, a) -> list[dict]:
+def measure(name: str, model, prompt, completion, targets: dict, a) -> list[dict]:
+    """``targets``: ``{"elbo": (value, gradient), "log_likelihood": (value, gradient)}``; ``upper`` is compared
+    with the exact log-likelihood, the others with the ELBO (gradients None for the oracles)."""
     rows = []
     generator = torch.Generator().manual_seed(a.seed)
-    for estimator in ESTIMATORS:
+    for estimator in LABELS:
+        target, exact_grad = targets["log_likelihood" if estimator == "upper" else "elbo"]
         if estimator == "one_pass":
             sample_counts = [1]  # deterministic
         else:
             sample_counts = [int(k) for k in a.num_time_samples.split(",")]
+        if estimator == "upper":
+            sample_counts = [k for k in sample_counts if k >= 2]  # ψ comes from the other samples
         for k in sample_counts:
             values, errors, cosines, nfe = [], [], [], 0
             repeats = 1 if estimator == "one_pass" else a.repeats
@@ -134,7 +145,9 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"{report['machine']}, {report['config']['repeats']} independent estimates per row. Value: bias of the "
         "mean against the target (± s.e.) and the estimates' standard deviation, in nats per sequence. Gradient: "
-        "mean relative error ‖ĝ − g‖ / ‖g‖ and cosine against the exact gradient of the enumerated ELBO.",
+        "mean relative error ‖ĝ − g‖ / ‖g‖ and cosine against the exact gradient of the target. Target: the "
+        "enumerated ELBO, or for `upper` the exact log-likelihood (every reveal order); for the oracles both are "
+        "log q.",
         "",
         "| model | estimator | K | NFE | target | value bias | value s.d. | grad. rel. error | grad. cosine |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -157,7 +170,7 @@ def plot(report: dict, path: Path) -> None:
     models = [m for m in dict.fromkeys(r["model"] for r in report["rows"] if r["grad_rel_error"] is not None)]
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for estimator in ESTIMATORS:
+        for estimator in LABELS:
             rows = [r for r in report["rows"] if r["model"] == model and r["estimator"] == estimator]
             ax.plot([r["nfe"] for r in rows], [r["grad_rel_error"] for r in rows], "o-", label=LABELS[estimator])
         ax.set_xscale("log")
@@ -181,10 +194,17 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             enumerated = float(exact_elbo(model, prompt, completion))
         print(f"oracle ℓ={ell}: log q = {truth:.6f}, enumerated ELBO = {enumerated:.6f}", flush=True)
-        rows += measure(f"oracle ℓ={ell}", model, prompt, completion, truth, None, a)
+        targets = {"elbo": (truth, None), "log_likelihood": (truth, None)}
+        rows += measure(f"oracle ℓ={ell}", model, prompt, completion, targets, a)
     for name, (model, prompt, completion) in (("random ℓ=2", random_model()), ("reference ℓ=2", reference_model())):
         elbo = exact_elbo(model, prompt, completion)
-        rows += measure(name, model, prompt, completion, float(elbo), flat_grad(model, elbo).detach(), a)
+        log_likelihood = exact_log_likelihood(model, prompt, completion)
+        print(f"{name}: log π = {float(log_likelihood):.6f}, ELBO = {float(elbo):.6f}", flush=True)
+        targets = {
+            "elbo": (float(elbo), flat_grad(model, elbo).detach()),
+            "log_likelihood": (float(log_likelihood), flat_grad(model, log_likelihood).detach()),
+        }
+        rows += measure(name, model, prompt, completion, targets, a)
     machine = f"{platform.machine()} CPU, torch {torch.__version__}"
     config = {"num_time_samples": a.num_time_samples, "repeats": a.repeats, "seed": a.seed}
     report = {"config": config, "machine": machine, "seconds": time.time() - start, "rows": rows}

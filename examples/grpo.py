@@ -3,8 +3,8 @@
 The task is a word-count constraint: each completion is rewarded by how close its number of words is to
 ``--target_words``, ``r = 1 - min(|words - target|, target) / target`` (1 exactly on target, 0 at twice the target
 or more, or with no words). Rollouts come from ``generate()`` (one seed per completion, logged), likelihoods from
-the chosen estimator (``--likelihood_estimator coupled | elbo | one_pass``); everything else is TRL's GRPOTrainer
-(``tools.grpo.DiffusionGRPOTrainer``).
+the chosen estimator (``--likelihood_estimator coupled | elbo | one_pass | upper``); everything else is TRL's
+GRPOTrainer (``tools.grpo.DiffusionGRPOTrainer``).
 
     python examples/grpo.py --output_dir outputs/grpo --max_steps 300                    # the default model
     python examples/grpo.py --output_dir outputs/grpo-lora --lora --beta 0.04 --max_steps 300   # LoRA, KL to the base

@@ -136,6 +136,8 @@ def test_refusals_name_the_problem(tmp_path):
         _trainer(tmp_path, repetition_penalty=1.2)
     with pytest.raises(ValueError, match="time-independent network"):
         _trainer(tmp_path, model=tiny_model(time_conditioning=True), likelihood_estimator="coupled")
+    with pytest.raises(ValueError, match="'upper' needs likelihood_samples >= 2"):
+        _trainer(tmp_path, likelihood_estimator="upper", likelihood_samples=1)
     with pytest.raises(ValueError, match="GenMD4"):
         _trainer(tmp_path, model=tiny_model(noise_schedule="learnable_polynomial"))
     with pytest.raises(ValueError, match="trains MDM-Prime / MD4 models"):

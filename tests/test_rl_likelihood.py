@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import load_benchmark, oracle_logits, random_distribution, tiny_model
-from modeling_mdm_prime.tools.rl_likelihood import exact_elbo, sequence_log_likelihood
+from modeling_mdm_prime.tools.rl_likelihood import exact_elbo, exact_log_likelihood, sequence_log_likelihood
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = torch.tensor([[3, 4], [5, 6]])
@@ -69,6 +69,31 @@ def test_the_elbo_is_the_true_log_likelihood_for_an_oracle_denoiser(ell, monkeyp
         same_prompt = (sequences[:, :2] == prompt[b]).all(1)
         joint = probs[(sequences == torch.cat([prompt[b], completion[b]])).all(1)].sum()
         assert exact[b].item() == pytest.approx((joint / probs[same_prompt].sum()).log().item(), abs=1e-5)
+    # Every reveal order has the same path probability q here, so the exact log-likelihood and the upper
+    # bound's estimate (ψ = w = q) are log q as well.
+    torch.testing.assert_close(exact_log_likelihood(model, prompt, completion), exact, rtol=0, atol=1e-5)
+    upper = sequence_log_likelihood(model, prompt, completion, estimator="upper", num_samples=3,
+                                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    torch.testing.assert_close(upper.samples, exact.unsqueeze(1).expand(-1, 3), rtol=0, atol=1e-5)
+    assert not upper.lower_bound
+
+
+@pytest.mark.parametrize("ell", [1, 2])
+def test_exact_log_likelihood_lies_between_the_elbo_and_the_upper_bound(ell):
+    """The model's log-likelihood (every reveal order, by dynamic programming) is at least the enumerated ELBO
+    (Jensen over orders), its gradient flows, and the tangent upper bound's mean lies above it: within 4 s.e.
+    of it from below, and at most 4 s.e. plus a small gap (the bound is tight when ψ = π) above."""
+    model = _model(ell)
+    exact = exact_log_likelihood(model, PROMPT, COMPLETION, completion_mask=COMPLETION_MASK)
+    with torch.no_grad():
+        elbo = exact_elbo(model, PROMPT, COMPLETION, completion_mask=COMPLETION_MASK)
+        upper = _estimate(model, "upper", 400)
+    assert bool((elbo <= exact.detach() + 1e-9).all()) and bool((exact.detach() - elbo > 1e-5).all())
+    gap = upper.log_likelihood - exact.detach()
+    assert bool((gap >= -4 * upper.stderr).all()) and bool((gap <= 4 * upper.stderr + 1e-2).all()), gap
+    assert upper.nfe == 3 * ell * 400  # N digits of the longest completion, per sample
+    exact.sum().backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters())
 
 
 def test_d1_one_pass_is_the_fully_masked_token_log_likelihood():
@@ -122,6 +147,10 @@ def test_bad_inputs_are_refused_with_the_reason():
         sequence_log_likelihood(model, PROMPT, COMPLETION, estimator="vrpo")
     with pytest.raises(ValueError, match="'coupled' needs a time-independent network"):
         sequence_log_likelihood(_model(1, time_conditioning=True), PROMPT, COMPLETION, estimator="coupled")
+    with pytest.raises(ValueError, match="'upper' needs num_samples >= 2"):
+        sequence_log_likelihood(model, PROMPT, COMPLETION, estimator="upper", num_samples=1)
+    with pytest.raises(ValueError, match="reveal orders of a time-independent network"):
+        exact_log_likelihood(_model(1, time_conditioning=True), PROMPT, COMPLETION)
     genmd4 = _model(1, time_conditioning=True, noise_schedule="learnable_polynomial")
     with pytest.raises(ValueError, match="GenMD4 models .* none of these estimators applies"):
         sequence_log_likelihood(genmd4, PROMPT, COMPLETION)
@@ -143,7 +172,7 @@ def test_the_estimator_benchmark_runs_small(tmp_path):
     rows = report["rows"]
     assert {r["model"] for r in rows} == {"oracle ℓ=1", "oracle ℓ=2", "random ℓ=2", "reference ℓ=2"}
     assert {(r["estimator"], r["samples"]) for r in rows if r["model"] == "random ℓ=2"} == {
-        ("elbo", 1), ("elbo", 2), ("coupled", 1), ("coupled", 2), ("one_pass", 1)}  # fmt: skip
+        ("elbo", 1), ("elbo", 2), ("coupled", 1), ("coupled", 2), ("one_pass", 1), ("upper", 2)}  # fmt: skip
     graded = [r for r in rows if not r["model"].startswith("oracle")]
     assert all(r["grad_rel_error"] >= 0 and -1 <= r["grad_cosine"] <= 1 for r in graded)
     assert (tmp_path / "rl_estimators.png").read_bytes()[:4] == b"\x89PNG"

@@ -137,11 +137,13 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                 "GenMD4 models (noise_schedule='learnable_polynomial') have no conditional bound with a clean prompt, "
                 "so none of the likelihood estimators applies to them."
             )
-        if args.likelihood_estimator == "coupled" and model.config.time_conditioning:
+        if args.likelihood_estimator in ("coupled", "upper") and model.config.time_conditioning:
             raise ValueError(
-                "likelihood_estimator='coupled' needs a time-independent network; this model is time-conditioned. "
-                "Use likelihood_estimator='elbo'."
+                f"likelihood_estimator={args.likelihood_estimator!r} needs a time-independent network; this model is "
+                "time-conditioned. Use likelihood_estimator='elbo'."
             )
+        if args.likelihood_estimator == "upper" and args.likelihood_samples < 2:
+            raise ValueError("likelihood_estimator='upper' needs likelihood_samples >= 2 (ψ comes from the others).")
         canvas = model.config.max_position_embeddings
         if args.max_completion_length is None or args.max_completion_length >= canvas:
             raise ValueError(

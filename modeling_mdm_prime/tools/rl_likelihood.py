@@ -12,6 +12,12 @@ that the model cannot compute exactly; each uses an estimator. Here (docs/guides
   scored once per pair); two calls per sample and one shared.
 * ``one_pass``: d1's estimate, every completion token scored once with the whole completion masked,
   ``Σ_i log p_θ(x_i | prompt)``; one call, no randomness. Biased and not a bound (``lower_bound=False``).
+* ``upper``: an upper bound. With a time-independent network the model's likelihood is an average over reveal
+  orders σ of the N completion digits (the continuous-time sampler reveals one digit at a time, uniformly):
+  ``π(x) = E_σ[w_σ]``, ``w_σ = Π_k p̄(x^{σ_k} | prompt, digits σ_<k revealed)``, and the ELBO is ``E_σ[log w_σ]``.
+  The tangent of the logarithm gives ``log π ≤ log ψ + π/ψ - 1`` for any ψ > 0 (TUBE, Ivanov et al. 2026), whose
+  right side has an unbiased estimate; ψ is the geometric mean of the *other* samples' ``w`` (leave one out), so
+  each sample's term estimates an upper bound without bias. N network calls per sample, K >= 2.
 
 The ELBO here is the valid bound of docs/concepts/honest-likelihoods.md conditioned on a clean prompt:
 ``ELBO = -(1/N) Σ_{k=1}^{N} E_{|M|=k}[(N/k) Σ_{i ∈ M} ℓ_i(M)]``, with ``ℓ_i`` the digit terms of
@@ -27,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses_mdm_prime import diffusion_terms
+from ..losses_mdm_prime import diffusion_terms, digit_set_log_probs
 
-ESTIMATORS = ("elbo", "coupled", "one_pass")
+ESTIMATORS = ("elbo", "coupled", "one_pass", "upper")
 MAX_ENUMERATED_DIGITS = 16
 
 
@@ -145,6 +151,49 @@ def completion_entropy(
     return entropy[:, prompt_ids.shape[1] :]
 
 
+def _path_terms(model, clean, batch: _Batch, revealed: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` ``log p̄(x^j | state)`` for R states: ``revealed`` ``(R, L, ℓ)`` bool digits visible besides the
+    prompt, ``query`` ``(R, 3)`` long (batch row, position, digit j) of the digit scored. One network call."""
+    codec = model.codec
+    rows, position, digit = query.unbind(1)
+    state = clean[rows].masked_fill(batch.scored[rows].unsqueeze(-1) & ~revealed, codec.mask_id)
+    at = torch.zeros(state.shape[:2], dtype=torch.bool, device=clean.device)
+    at[torch.arange(len(rows), device=clean.device), position] = True
+    mask = None if batch.attention_mask is None else batch.attention_mask[rows]
+    logits = model.token_logits(state, mask, None, at, check_inputs=False)
+    own = revealed[torch.arange(len(rows), device=clean.device), position]  # the position's visible digits
+    bits = (1 << digit).unsqueeze(1)
+    return digit_set_log_probs(logits, batch.ids[rows, position], own, bits, codec, True)[:, 0].double()
+
+
+def _check_order_model(model, name: str) -> None:
+    if model.config.time_conditioning:
+        raise ValueError(f"{name} averages reveal orders of a time-independent network; this one is time-conditioned.")
+    if model.codec.num_sub_tokens > 1 and not model.config.carry_over:
+        raise ValueError(f"{name} needs carry_over=True (the sampler's digit conditionals) for ℓ > 1.")
+
+
+def _order_log_weights(model, clean, batch: _Batch, num_samples: int, generator) -> torch.Tensor:
+    """``(B, K)`` ``log w_σ`` for K uniformly random reveal orders σ of each row's completion digits (one network
+    call for all B · K · N states)."""
+    generators = generator if isinstance(generator, (list, tuple)) else [generator] * clean.shape[0]
+    revealed, queries, owner = [], [], []
+    for b, g in enumerate(generators):
+        places = batch.scored[b].unsqueeze(-1).expand_as(clean[b]).nonzero()  # (N, 2): position, digit
+        for k in range(num_samples):
+            order = places[torch.randperm(len(places), generator=g).to(places.device)]
+            seen = torch.zeros(len(order), *clean.shape[1:], dtype=torch.bool, device=clean.device)
+            for step in range(1, len(order)):  # state of step i: the first i digits of the order revealed
+                seen[step] = seen[step - 1]
+                seen[step, order[step - 1, 0], order[step - 1, 1]] = True
+            revealed.append(seen)
+            queries.append(torch.cat([torch.full_like(order[:, :1], b), order], 1))
+            owner.append(torch.full((len(order),), b * num_samples + k, device=clean.device))
+    terms = _path_terms(model, clean, batch, torch.cat(revealed), torch.cat(queries))
+    out = torch.zeros(clean.shape[0] * num_samples, dtype=torch.float64, device=clean.device)
+    return out.index_add(0, torch.cat(owner), terms).view(clean.shape[0], num_samples)
+
+
 def _noise_level(model, batch: int, value: float, device) -> torch.Tensor | None:
     return torch.full((batch,), value, device=device) if model.config.time_conditioning else None
 
@@ -211,6 +260,16 @@ def sequence_log_likelihood(
         value = _one_pass(model, clean, batch)
         samples = value.unsqueeze(1)
         return LikelihoodEstimate(value, samples, torch.full_like(value, float("nan")), 1, False)
+    if estimator == "upper":
+        _check_order_model(model, "estimator 'upper'")
+        if num_samples < 2:
+            raise ValueError("estimator 'upper' needs num_samples >= 2 (each sample's ψ comes from the others).")
+        log_w = _order_log_weights(model, clean, batch, num_samples, generator)
+        # ψ_k: geometric mean of the other samples' w, held fixed (the bound holds for any ψ > 0).
+        log_psi = ((log_w.sum(1, keepdim=True) - log_w) / (num_samples - 1)).detach()
+        samples = log_psi + torch.exp(log_w - log_psi) - 1
+        nfe = int(batch.scored.sum(1).max()) * model.codec.num_sub_tokens * num_samples
+        return _estimate(samples, nfe, False)
     if estimator == "elbo":
         samples = -model.estimator.bound_samples(
             model.token_logits, batch.ids, batch.scored, batch.real, batch.attention_mask, num_samples, None, generator
@@ -286,6 +345,53 @@ def exact_elbo(
             terms = _terms(model, clean[b : b + 1].expand(len(subsets), -1, -1), masks, many)
             total = total + terms.mean() / k  # (1/N) · (N/k) · E_{|M|=k}[Σ_{i∈M} ℓ_i]
         out.append(-total)
+    return torch.stack(out)
+
+
+def exact_log_likelihood(
+    model,
+    prompt_ids: torch.Tensor,
+    completion_ids: torch.Tensor,
+    *,
+    prompt_attention_mask: torch.Tensor | None = None,
+    completion_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(B,)`` ``log π(completion | prompt)`` of a time-independent network exactly: the average over every reveal
+    order of the N completion digits (N ≤ 16), by dynamic programming over the revealed sets R:
+    ``f(R) = 1/(N - |R|) Σ_{i ∉ R} p̄(x^i | R) f(R ∪ {i})``, ``f(all) = 1``, ``π = f(∅)``. Differentiable.
+    The ELBO (:func:`exact_elbo`) is ``E_σ[log w_σ]`` of the same orders, so ``exact_elbo <= exact_log_likelihood``."""
+    _check_order_model(model, "exact_log_likelihood")
+    batch = prepare_batch(model, prompt_ids, completion_ids, prompt_attention_mask, completion_mask)
+    clean = model.codec.encode(batch.ids, check=False)
+    out = []
+    for b in range(clean.shape[0]):
+        places = batch.scored[b].unsqueeze(-1).expand_as(clean[b]).nonzero()
+        n = len(places)
+        if n > MAX_ENUMERATED_DIGITS:
+            raise ValueError(
+                f"exact_log_likelihood enumerates 2^N sets; N = {n} digits is over {MAX_ENUMERATED_DIGITS}."
+            )
+        subsets = torch.arange(1 << n, device=clean.device)
+        member = (subsets.unsqueeze(1) >> torch.arange(n, device=clean.device)) & 1  # (2^N, N)
+        # Every (R, i ∉ R): the state with R revealed, digit i scored.
+        pairs = (member == 0).nonzero()  # (M, 2): subset, digit
+        revealed = torch.zeros(len(pairs), *clean.shape[1:], dtype=torch.bool, device=clean.device)
+        chosen = member[pairs[:, 0]].bool()  # (M, N)
+        index = chosen.nonzero()
+        revealed[index[:, 0], places[index[:, 1], 0], places[index[:, 1], 1]] = True
+        queries = torch.cat([torch.zeros_like(pairs[:, :1]), places[pairs[:, 1]]], 1)
+        row = _Batch(batch.ids[b : b + 1], batch.real[b : b + 1], batch.scored[b : b + 1],
+                     None if batch.attention_mask is None else batch.attention_mask[b : b + 1])  # fmt: skip
+        terms = _path_terms(model, clean[b : b + 1], row, revealed, queries)
+        log_f = [None] * (1 << n)
+        log_f[(1 << n) - 1] = torch.zeros((), dtype=torch.float64, device=clean.device)
+        by_subset: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for (subset, digit), term in zip(pairs.tolist(), terms, strict=True):
+            by_subset.setdefault(subset, []).append((digit, term))
+        for subset in sorted(by_subset, key=lambda r: -bin(r).count("1")):  # largest revealed sets first
+            options = torch.stack([term + log_f[subset | (1 << digit)] for digit, term in by_subset[subset]])
+            log_f[subset] = torch.logsumexp(options, 0) - math.log(len(options))
+        out.append(log_f[0])
     return torch.stack(out)
 
 
