@@ -59,6 +59,11 @@ class _Batch:
     scored: torch.Tensor  # (B, L) bool, the completion's real tokens
     attention_mask: torch.Tensor | None
 
+    def row(self, b: int) -> _Batch:
+        """Row b alone, as a batch of one."""
+        mask = None if self.attention_mask is None else self.attention_mask[b : b + 1]
+        return _Batch(self.ids[b : b + 1], self.real[b : b + 1], self.scored[b : b + 1], mask)
+
 
 def _check_padding(mask: torch.Tensor, side: str, name: str) -> None:
     """Left padding: zeros then ones in every row; right padding: ones then zeros."""
@@ -323,8 +328,7 @@ def exact_elbo(
     clean = model.codec.encode(batch.ids, check=False)
     out = []
     for b in range(clean.shape[0]):
-        row = _Batch(batch.ids[b : b + 1], batch.real[b : b + 1], batch.scored[b : b + 1],
-                     None if batch.attention_mask is None else batch.attention_mask[b : b + 1])  # fmt: skip
+        row = batch.row(b)
         digits = row.scored.unsqueeze(-1).expand_as(clean[b : b + 1])
         places = digits[0].nonzero()  # (N, 2): position, digit
         n = len(places)
@@ -380,8 +384,7 @@ def exact_log_likelihood(
         index = chosen.nonzero()
         revealed[index[:, 0], places[index[:, 1], 0], places[index[:, 1], 1]] = True
         queries = torch.cat([torch.zeros_like(pairs[:, :1]), places[pairs[:, 1]]], 1)
-        row = _Batch(batch.ids[b : b + 1], batch.real[b : b + 1], batch.scored[b : b + 1],
-                     None if batch.attention_mask is None else batch.attention_mask[b : b + 1])  # fmt: skip
+        row = batch.row(b)
         terms = _path_terms(model, clean[b : b + 1], row, revealed, queries)
         log_f = [None] * (1 << n)
         log_f[(1 << n) - 1] = torch.zeros((), dtype=torch.float64, device=clean.device)
