@@ -23,6 +23,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import transformers
@@ -97,7 +98,7 @@ def _write_checked(chunks: Iterable[bytes], target: Path, size: int, sha256: str
     return target
 
 
-def _read_chunks(f, size: int = 1 << 20) -> Iterator[bytes]:
+def _read_chunks(f: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
     yield from iter(lambda: f.read(size), b"")
 
 
