@@ -151,6 +151,10 @@ def test_bad_inputs_are_refused_with_the_reason():
         sequence_log_likelihood(model, PROMPT, COMPLETION, estimator="upper", num_samples=1)
     with pytest.raises(ValueError, match="reveal orders of a time-independent network"):
         exact_log_likelihood(_model(1, time_conditioning=True), PROMPT, COMPLETION)
+    nine_tokens = torch.zeros(2, 9, dtype=torch.long)  # 18 digits at ℓ = 2: 2^18 sets are not enumerated
+    for exact in (exact_elbo, exact_log_likelihood):
+        with pytest.raises(ValueError, match=rf"{exact.__name__} enumerates 2\^N sets .* row 0 has N = 18, over 16"):
+            exact(_model(2, carry_over=True), PROMPT, nine_tokens)
     genmd4 = _model(1, time_conditioning=True, noise_schedule="learnable_polynomial")
     with pytest.raises(ValueError, match="GenMD4 models .* none of these estimators applies"):
         sequence_log_likelihood(genmd4, PROMPT, COMPLETION)

@@ -311,6 +311,19 @@ def _estimate(samples: torch.Tensor, nfe: int, lower_bound: bool) -> LikelihoodE
     return LikelihoodEstimate(samples.mean(1), samples, stderr, nfe, lower_bound)
 
 
+def _enumerable_rows(model, name: str, prompt_ids, completion_ids, prompt_attention_mask, completion_mask):
+    """Per row: its clean digits ``(1, L, ℓ)``, the row as a batch of one, and the ``(N, 2)`` (position, digit)
+    places of its completion digits. Refuses N over ``MAX_ENUMERATED_DIGITS``: the callers enumerate 2^N sets."""
+    batch = prepare_batch(model, prompt_ids, completion_ids, prompt_attention_mask, completion_mask)
+    clean = model.codec.encode(batch.ids, check=False)
+    for b in range(clean.shape[0]):
+        places = batch.scored[b].unsqueeze(-1).expand_as(clean[b]).nonzero()
+        if len(places) > MAX_ENUMERATED_DIGITS:
+            raise ValueError(f"{name} enumerates 2^N sets of completion digits; row {b} has N = {len(places)}, over "
+                             f"{MAX_ENUMERATED_DIGITS}.")  # fmt: skip
+        yield clean[b : b + 1], batch.row(b), places
+
+
 def exact_elbo(
     model,
     prompt_ids: torch.Tensor,
@@ -324,29 +337,22 @@ def exact_elbo(
     Time-independent networks only (a time-conditioned one would need the integral over t too)."""
     if model.config.time_conditioning:
         raise ValueError("exact_elbo enumerates masks of a time-independent network; this one is time-conditioned.")
-    batch = prepare_batch(model, prompt_ids, completion_ids, prompt_attention_mask, completion_mask)
-    clean = model.codec.encode(batch.ids, check=False)
     out = []
-    for b in range(clean.shape[0]):
-        row = batch.row(b)
-        digits = row.scored.unsqueeze(-1).expand_as(clean[b : b + 1])
-        places = digits[0].nonzero()  # (N, 2): position, digit
+    for clean, row, places in _enumerable_rows(
+        model, "exact_elbo", prompt_ids, completion_ids, prompt_attention_mask, completion_mask
+    ):
         n = len(places)
-        if n > MAX_ENUMERATED_DIGITS:
-            raise ValueError(
-                f"exact_elbo enumerates 2^N masks; N = {n} completion digits is over {MAX_ENUMERATED_DIGITS}."
-            )
         total = torch.zeros((), dtype=torch.float64, device=clean.device)
         for k in range(1, n + 1):
             subsets = list(itertools.combinations(range(n), k))
-            masks = torch.zeros(len(subsets), *digits.shape[1:], dtype=torch.bool, device=clean.device)
+            masks = torch.zeros(len(subsets), *clean.shape[1:], dtype=torch.bool, device=clean.device)
             for s, subset in enumerate(subsets):
                 chosen = places[list(subset)]
                 masks[s, chosen[:, 0], chosen[:, 1]] = True
             mask = None if row.attention_mask is None else row.attention_mask.expand(len(subsets), -1)
             many = _Batch(row.ids.expand(len(subsets), -1), row.real.expand(len(subsets), -1),
                           row.scored.expand(len(subsets), -1), mask)  # fmt: skip
-            terms = _terms(model, clean[b : b + 1].expand(len(subsets), -1, -1), masks, many)
+            terms = _terms(model, clean.expand(len(subsets), -1, -1), masks, many)
             total = total + terms.mean() / k  # (1/N) · (N/k) · E_{|M|=k}[Σ_{i∈M} ℓ_i]
         out.append(-total)
     return torch.stack(out)
@@ -365,16 +371,11 @@ def exact_log_likelihood(
     ``f(R) = 1/(N - |R|) Σ_{i ∉ R} p̄(x^i | R) f(R ∪ {i})``, ``f(all) = 1``, ``π = f(∅)``. Differentiable.
     The ELBO (:func:`exact_elbo`) is ``E_σ[log w_σ]`` of the same orders, so ``exact_elbo <= exact_log_likelihood``."""
     _check_order_model(model, "exact_log_likelihood")
-    batch = prepare_batch(model, prompt_ids, completion_ids, prompt_attention_mask, completion_mask)
-    clean = model.codec.encode(batch.ids, check=False)
     out = []
-    for b in range(clean.shape[0]):
-        places = batch.scored[b].unsqueeze(-1).expand_as(clean[b]).nonzero()
+    for clean, row, places in _enumerable_rows(
+        model, "exact_log_likelihood", prompt_ids, completion_ids, prompt_attention_mask, completion_mask
+    ):
         n = len(places)
-        if n > MAX_ENUMERATED_DIGITS:
-            raise ValueError(
-                f"exact_log_likelihood enumerates 2^N sets; N = {n} digits is over {MAX_ENUMERATED_DIGITS}."
-            )
         subsets = torch.arange(1 << n, device=clean.device)
         member = (subsets.unsqueeze(1) >> torch.arange(n, device=clean.device)) & 1  # (2^N, N)
         # Every (R, i ∉ R): the state with R revealed, digit i scored.
@@ -384,8 +385,7 @@ def exact_log_likelihood(
         index = chosen.nonzero()
         revealed[index[:, 0], places[index[:, 1], 0], places[index[:, 1], 1]] = True
         queries = torch.cat([torch.zeros_like(pairs[:, :1]), places[pairs[:, 1]]], 1)
-        row = batch.row(b)
-        terms = _path_terms(model, clean[b : b + 1], row, revealed, queries)
+        terms = _path_terms(model, clean, row, revealed, queries)
         log_f = [None] * (1 << n)
         log_f[(1 << n) - 1] = torch.zeros((), dtype=torch.float64, device=clean.device)
         by_subset: dict[int, list[tuple[int, torch.Tensor]]] = {}
